@@ -1,0 +1,10 @@
+"""planetseg: segment remote-sensing imagery of the Earth, the Moon and Mars at scale."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("planetseg")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,54 @@
+"""The one place where planetseg's exceptions and warnings live.
+
+Every error subclasses :class:`PlanetsegError` *and* the built-in exception it resembles, so
+callers can catch either (``except FileNotFoundError`` keeps working). The CLI turns a
+``PlanetsegError`` into a one-line message and a non-zero exit; any other exception is a bug and
+keeps its traceback. Messages name what to change.
+"""
+
+from __future__ import annotations
+
+
+class PlanetsegError(Exception):
+    """Base class of every error planetseg raises on purpose."""
+
+    #: Exit code the CLI uses for this error.
+    exit_code: int = 1
+
+
+class InvalidArgumentError(PlanetsegError, ValueError):
+    """An argument or configuration value is malformed or out of range."""
+
+    exit_code = 2
+
+
+class CatalogNotFoundError(PlanetsegError, LookupError):
+    """A catalog name, URL or path does not resolve to a catalog."""
+
+
+class CollectionNotFoundError(PlanetsegError, LookupError):
+    """A collection is not offered by the catalog searched."""
+
+
+class NoStacCollectionError(PlanetsegError, LookupError):
+    """A named data set exists but is not served by any STAC API (e.g. LROC NAC)."""
+
+
+class CatalogReadError(PlanetsegError, OSError):
+    """A local catalog or items file exists but cannot be read or parsed."""
+
+
+class CatalogUnavailableError(PlanetsegError, ConnectionError):
+    """A STAC API did not answer, or kept answering with errors, after all retries."""
+
+
+class CRSError(PlanetsegError, ValueError):
+    """A CRS is missing, unknown, or belongs to another body than expected."""
+
+
+class MixedBodiesError(CRSError):
+    """Data from two different bodies were combined (e.g. a Moon item in a Mars cube)."""
+
+
+class PlanetsegWarning(UserWarning):
+    """Base class of planetseg's warnings, so they can be filtered together."""
