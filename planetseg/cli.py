@@ -1,0 +1,156 @@
+"""The ``planetseg`` command line: parse, build a config, call the library, print, exit.
+
+No stage logic lives here. A :class:`~planetseg.errors.PlanetsegError` becomes one line on
+stderr and a non-zero exit; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from planetseg import __version__
+from planetseg.errors import InvalidArgumentError, PlanetsegError
+
+app = typer.Typer(
+    name="planetseg",
+    help="Segment remote-sensing imagery of the Earth, the Moon and Mars at scale.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"planetseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug")] = 0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------- catalogs
+
+
+@app.command()
+def catalogs() -> None:
+    """List the named catalogs, the worlds they serve and their useful collections."""
+    from planetseg.catalogs import ALIASES, CATALOGS
+
+    for cat in CATALOGS.values():
+        table = Table(title=f"{cat.name}: {cat.title}\n{cat.url}", title_justify="left",
+                      show_edge=False)
+        for col in ("world", "collection", "what"):
+            table.add_column(col, overflow="fold")
+        for c in cat.collections:
+            table.add_row(c.world, c.id, c.description)
+        out.print(table, "")
+    aliases = Table(title="Data-set names for --catalog", title_justify="left", show_edge=False)
+    for col in ("name", "world", "resolves to"):
+        aliases.add_column(col, overflow="fold")
+    for a in ALIASES.values():
+        target = f"{a.catalog} / {', '.join(a.collections)}" if a.catalog else f"no STAC API: {a.note}"
+        aliases.add_row(a.name, a.world, target)
+    out.print(aliases, "")
+    out.print("Any STAC API URL, or a local path (folder of COGs, static catalog, items file).")
+
+
+# --------------------------------------------------------------------------- search
+
+
+@app.command()
+def search(
+    catalog: Annotated[str, typer.Option("--catalog", "-c", help="Name, alias, STAC API URL or local path.")],
+    collection: Annotated[
+        list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
+    ] = None,
+    bbox: Annotated[str | None, typer.Option(help="W,S,E,N in the body's lon/lat degrees.")] = None,
+    datetime: Annotated[
+        str | None, typer.Option("--datetime", help="RFC 3339 instant or interval A/B ('..' open).")
+    ] = None,
+    max_items: Annotated[int | None, typer.Option(help="Stop after this many items.")] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write items: .json/.geojson, .ndjson or .parquet.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a FeatureCollection to stdout.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request before retrying.")] = 30.0,
+    retries: Annotated[int, typer.Option(help="Retries on timeouts and 5xx responses.")] = 5,
+) -> None:
+    """Search a STAC API or a local catalog for items."""
+    from planetseg.config import SearchConfig
+    from planetseg.items import ITEM_SUFFIXES, feature_collection, write_items
+    from planetseg.search import search as run_search
+
+    if out_path is not None and out_path.suffix.lower() not in ITEM_SUFFIXES:
+        raise InvalidArgumentError(
+            f"--out {out_path}: use a .json, .geojson, .ndjson or .parquet file name"
+        )
+    config = SearchConfig(
+        catalog=catalog,
+        collections=tuple(collection or ()),
+        bbox=bbox,
+        datetime=datetime,
+        max_items=max_items,
+        timeout=timeout,
+        retries=retries,
+    )
+    result = run_search(config)
+    if out_path is not None:
+        write_items(result.items, out_path)
+    if as_json:
+        sys.stdout.write(json.dumps(feature_collection(result.items)) + "\n")
+        return
+    _print_items(result.items)
+    where = f" -> {out_path}" if out_path is not None else ""
+    out.print(f"{len(result.items)} items from {result.catalog.name}{where}")
+
+
+def _print_items(items: list[dict[str, Any]]) -> None:
+    table = Table(show_edge=False)
+    for col in ("id", "collection", "datetime", "crs", "bbox (lon/lat)"):
+        table.add_column(col, overflow="fold")
+    for it in items[:50]:
+        props = it.get("properties", {})
+        crs = props.get("proj:code") or (
+            f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else "wkt2" if props.get("proj:wkt2") else ""
+        )
+        bbox = ", ".join(f"{v:.4f}" for v in it.get("bbox", [])[:4])
+        table.add_row(it["id"], it.get("collection", ""), props.get("datetime") or "", crs, bbox)
+    if items:
+        out.print(table)
+    if len(items) > 50:
+        out.print(f"... and {len(items) - 50} more")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    """Console-script entry point: run the app and turn project errors into one line."""
+    try:
+        app()
+    except PlanetsegError as exc:
+        err.print(f"planetseg: error: {exc}", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
