@@ -69,7 +69,9 @@ CATALOGS: dict[str, NamedCatalog] = {
             "https://earth-search.aws.element84.com/v1",
             "Earth Search v1 (Element 84, AWS open data)",
             (
-                CollectionInfo("sentinel-2-l2a", "earth", "Sentinel-2 L2A surface reflectance, 10-60 m"),
+                CollectionInfo(
+                    "sentinel-2-l2a", "earth", "Sentinel-2 L2A surface reflectance, 10-60 m"
+                ),
                 CollectionInfo("landsat-c2-l2", "earth", "Landsat Collection 2 Level-2, 30 m"),
                 CollectionInfo("naip", "earth", "NAIP aerial imagery (USA), 0.6-1 m RGBN"),
                 CollectionInfo("cop-dem-glo-30", "earth", "Copernicus DEM GLO-30"),
@@ -108,10 +110,14 @@ CATALOGS: dict[str, NamedCatalog] = {
                     "mars",
                     "MRO HiRISE observations, ~0.25-0.5 m (IAU_2015:49910/49930/49935)",
                 ),
-                CollectionInfo("mro_hirise_socet_dtms", "mars", "HiRISE DTMs and orthoimages (USGS)"),
+                CollectionInfo(
+                    "mro_hirise_socet_dtms", "mars", "HiRISE DTMs and orthoimages (USGS)"
+                ),
                 CollectionInfo("mro_ctx_controlled_usgs_dtms", "mars", "MRO CTX DTMs, 20 m"),
                 CollectionInfo(
-                    "mo_themis_controlled_mosaics", "mars", "Mars Odyssey THEMIS IR controlled mosaics"
+                    "mo_themis_controlled_mosaics",
+                    "mars",
+                    "Mars Odyssey THEMIS IR controlled mosaics",
                 ),
             ),
         ),
@@ -144,8 +150,12 @@ ALIASES: dict[str, Alias] = {
         Alias("sentinel-2", "earth", "earth-search", ("sentinel-2-l2a",)),
         Alias("landsat", "earth", "earth-search", ("landsat-c2-l2",)),
         Alias("naip", "earth", "earth-search", ("naip",)),
-        Alias("kaguya", "moon", "usgs-astro",
-              ("kaguya_terrain_camera_monoscopic_uncontrolled_observations",)),
+        Alias(
+            "kaguya",
+            "moon",
+            "usgs-astro",
+            ("kaguya_terrain_camera_monoscopic_uncontrolled_observations",),
+        ),
         Alias("kaguya-dtm", "moon", "usgs-astro", ("kaguya_terrain_camera_usgs_dtms",)),
         Alias("hirise", "mars", "usgs-astro", ("mro_hirise_uncontrolled_observations",)),
         Alias("hirise-dtm", "mars", "usgs-astro", ("mro_hirise_socet_dtms",)),

@@ -38,13 +38,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug")
+    ] = 0,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 # --------------------------------------------------------------------------- catalogs
@@ -56,8 +60,9 @@ def catalogs() -> None:
     from planetseg.catalogs import ALIASES, CATALOGS
 
     for cat in CATALOGS.values():
-        table = Table(title=f"{cat.name}: {cat.title}\n{cat.url}", title_justify="left",
-                      show_edge=False)
+        table = Table(
+            title=f"{cat.name}: {cat.title}\n{cat.url}", title_justify="left", show_edge=False
+        )
         for col in ("world", "collection", "what"):
             table.add_column(col, overflow="fold")
         for c in cat.collections:
@@ -67,7 +72,9 @@ def catalogs() -> None:
     for col in ("name", "world", "resolves to"):
         aliases.add_column(col, overflow="fold")
     for a in ALIASES.values():
-        target = f"{a.catalog} / {', '.join(a.collections)}" if a.catalog else f"no STAC API: {a.note}"
+        target = (
+            f"{a.catalog} / {', '.join(a.collections)}" if a.catalog else f"no STAC API: {a.note}"
+        )
         aliases.add_row(a.name, a.world, target)
     out.print(aliases, "")
     out.print("Any STAC API URL, or a local path (folder of COGs, static catalog, items file).")
@@ -78,7 +85,9 @@ def catalogs() -> None:
 
 @app.command()
 def search(
-    catalog: Annotated[str, typer.Option("--catalog", "-c", help="Name, alias, STAC API URL or local path.")],
+    catalog: Annotated[
+        str, typer.Option("--catalog", "-c", help="Name, alias, STAC API URL or local path.")
+    ],
     collection: Annotated[
         list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
     ] = None,
@@ -90,8 +99,12 @@ def search(
     out_path: Annotated[
         Path | None, typer.Option("--out", help="Write items: .json/.geojson, .ndjson or .parquet.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a FeatureCollection to stdout.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request before retrying.")] = 30.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a FeatureCollection to stdout.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds per HTTP request before retrying.")
+    ] = 30.0,
     retries: Annotated[int, typer.Option(help="Retries on timeouts and 5xx responses.")] = 5,
 ) -> None:
     """Search a STAC API or a local catalog for items."""
@@ -130,7 +143,11 @@ def _print_items(items: list[dict[str, Any]]) -> None:
     for it in items[:50]:
         props = it.get("properties", {})
         crs = props.get("proj:code") or (
-            f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else "wkt2" if props.get("proj:wkt2") else ""
+            f"EPSG:{props['proj:epsg']}"
+            if props.get("proj:epsg")
+            else "wkt2"
+            if props.get("proj:wkt2")
+            else ""
         )
         bbox = ", ".join(f"{v:.4f}" for v in it.get("bbox", [])[:4])
         table.add_row(it["id"], it.get("collection", ""), props.get("datetime") or "", crs, bbox)

@@ -162,7 +162,10 @@ def raster_item(
     with rasterio.open(assets[key]["href"]) as src:
         crs, transform, shape, bounds = src.crs, src.transform, (src.height, src.width), src.bounds
         bands = [
-            {"data_type": src.dtypes[i], **({"nodata": src.nodata} if src.nodata is not None else {})}
+            {
+                "data_type": src.dtypes[i],
+                **({"nodata": src.nodata} if src.nodata is not None else {}),
+            }
             for i in range(src.count)
         ]
     from pyproj import CRS
@@ -215,8 +218,10 @@ def raster_item(
 def _ring(bounds: rasterio.coords.BoundingBox, n: int) -> tuple[list[float], list[float]]:
     t = np.linspace(0.0, 1.0, n)
     left, bottom, right, top = bounds
-    xs = np.concatenate([left + (right - left) * t, np.full(n, right), right - (right - left) * t,
-                         np.full(n, left)])
-    ys = np.concatenate([np.full(n, top), top - (top - bottom) * t, np.full(n, bottom),
-                         bottom + (top - bottom) * t])
+    xs = np.concatenate(
+        [left + (right - left) * t, np.full(n, right), right - (right - left) * t, np.full(n, left)]
+    )
+    ys = np.concatenate(
+        [np.full(n, top), top - (top - bottom) * t, np.full(n, bottom), bottom + (top - bottom) * t]
+    )
     return xs.tolist(), ys.tolist()

@@ -1,0 +1,95 @@
+"""The real `planetseg` console script: output files, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from planetseg.items import read_items, write_items
+from tests.test_search import BBOX, DATETIME, EXPECTED, grid_items
+
+
+def planetseg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "planetseg.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("planetseg: error: ")
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def items_file(tmp_path: Path) -> Path:
+    return write_items(grid_items(), tmp_path / "catalog" / "items.ndjson")
+
+
+def test_search_writes_each_format(tmp_path: Path, items_file: Path) -> None:
+    for suffix in (".json", ".ndjson", ".parquet"):
+        out = tmp_path / f"found{suffix}"
+        proc = planetseg("search", "--catalog", str(items_file), "--bbox", BBOX,
+                         "--datetime", DATETIME, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert f"{len(EXPECTED)} items" in proc.stdout
+        assert [it["id"] for it in read_items(out)] == EXPECTED
+
+
+def test_search_json_to_stdout(items_file: Path) -> None:
+    proc = planetseg("search", "-c", str(items_file), "--bbox", BBOX, "--datetime", DATETIME,
+                     "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["type"] == "FeatureCollection"
+    assert [f["id"] for f in doc["features"]] == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--bbox", "1,2,3"], ["bbox", "malformed"]),
+        (["--bbox", "0,-100,1,1"], ["outside the body's range"]),
+        (["--datetime", "2024-02-01/2024-01-01"], ["reversed"]),
+        (["--collection", "nope"], ["collection 'nope'"]),
+        (["--max-items", "0"], ["max_items"]),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path, items_file: Path, args: list[str], words: list[str]
+) -> None:
+    out = tmp_path / "out.parquet"
+    proc = planetseg("search", "-c", str(items_file), *args, "--out", str(out))
+    assert_one_line_error(proc, *words)
+    assert not out.exists()
+    assert list(tmp_path.glob("*.part")) == []
+
+
+def test_bad_catalogs(tmp_path: Path) -> None:
+    assert_one_line_error(planetseg("search", "-c", "no-such-catalog"), "unknown catalog")
+    assert_one_line_error(planetseg("search", "-c", "lroc"), "PDS", "local catalog")
+    garbage = tmp_path / "garbage.ndjson"
+    garbage.write_text("this is not json\n")
+    assert_one_line_error(planetseg("search", "-c", str(garbage)), "cannot read items")
+    assert_one_line_error(
+        planetseg("search", "-c", str(garbage), "--out", str(tmp_path / "x.csv")), ".parquet"
+    )
+
+
+def test_catalogs_lists_worlds_and_collections() -> None:
+    proc = planetseg("catalogs")
+    assert proc.returncode == 0, proc.stderr
+    for word in ("earth-search", "planetary-computer", "usgs-astro", "hirise",
+                 "mro_hirise_uncontrolled_observations", "kaguya", "lroc", "mars", "moon"):
+        assert word in proc.stdout
