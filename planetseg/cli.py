@@ -26,8 +26,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output is read by people too (logs, CI): give tables room instead of rich's 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 132)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
 
 
 def _version(value: bool) -> None:
@@ -138,8 +139,9 @@ def search(
 
 def _print_items(items: list[dict[str, Any]]) -> None:
     table = Table(show_edge=False)
-    for col in ("id", "collection", "datetime", "crs", "bbox (lon/lat)"):
-        table.add_column(col, overflow="fold")
+    for col in ("id", "collection", "datetime", "crs"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("bbox (lon/lat)", overflow="fold")
     for it in items[:50]:
         props = it.get("properties", {})
         crs = props.get("proj:code") or (
@@ -149,12 +151,63 @@ def _print_items(items: list[dict[str, Any]]) -> None:
             if props.get("proj:wkt2")
             else ""
         )
-        bbox = ", ".join(f"{v:.4f}" for v in it.get("bbox", [])[:4])
+        bbox = ",".join(f"{v:.4f}" for v in it.get("bbox", [])[:4])
         table.add_row(it["id"], it.get("collection", ""), props.get("datetime") or "", crs, bbox)
     if items:
         out.print(table)
     if len(items) > 50:
         out.print(f"... and {len(items) - 50} more")
+
+
+# --------------------------------------------------------------------------- synth, demo
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the world into.")],
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")] = 0,
+    size: Annotated[int, typer.Option(help="Scene size in pixels (square).")] = 1024,
+    gsd: Annotated[float, typer.Option(help="Ground sampling distance, metres per pixel.")] = 0.5,
+    crs: Annotated[str, typer.Option(help="Projected CRS, e.g. IAU_2015:30110 or EPSG:32633.")] = (
+        "IAU_2015:30110"
+    ),
+    center: Annotated[
+        str | None, typer.Option(help="LON,LAT of the scene centre on the body.")
+    ] = None,
+) -> None:
+    """Generate the synthetic planetary world: COGs, crater catalog and STAC items."""
+    from planetseg.synthetic import SynthConfig, synthesize
+
+    where = {}
+    if center is not None:
+        try:
+            lon, lat = (float(v) for v in center.split(","))
+        except ValueError:
+            raise InvalidArgumentError(f"--center {center!r}: give LON,LAT in degrees") from None
+        where = {"center_lon": lon, "center_lat": lat}
+    world = synthesize(out_dir, config=SynthConfig(seed=seed, size=size, gsd=gsd, crs=crs, **where))
+    out.print(
+        f"{world.body} world, {len(world.item_ids)} epochs -> {world.root}\n"
+        f"  STAC: {world.collection.name}, {world.items.name}   craters: {world.craters.name}"
+    )
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for every output.")] = Path(
+        "demo-out"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
+    size: Annotated[int, typer.Option(help="Scene size in pixels.")] = 1024,
+) -> None:
+    """Run the main job offline on the embedded synthetic world."""
+    from planetseg.demo import run_demo
+
+    result = run_demo(out_dir, seed=seed, size=size)
+    out.print(f"[bold]synth[/bold]  {result.world.body} world -> {result.world.root}")
+    out.print(f"[bold]search[/bold] local catalog {result.world.root}:")
+    _print_items(result.found.items)
+    out.print(f"{len(result.found.items)} items -> {result.items}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -324,27 +324,31 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
     """Yield every item under ``root``, recording collection ids seen in ``collections``."""
     if root.is_dir():
         for name in ("catalog.json", "collection.json"):
-            if (root / name).is_file():
+            if (root / name).is_file() and _has_links(root / name):
                 yield from _walk_static(root / name, collections, set())
                 return
-        found = False
-        for path in sorted(root.iterdir()):
-            suffix = path.suffix.lower()
-            if suffix in RASTER_SUFFIXES:
-                found = True
-                yield _cog_item(path)
-            elif suffix in ITEM_SUFFIXES and path.is_file():
-                doc_type = _peek_type(path)
-                if doc_type in ("Collection", "Catalog"):
-                    if doc_type == "Collection":
-                        collections.add(_load_json(path).get("id", ""))
-                    continue
-                found = True
+        files = sorted(p for p in root.iterdir() if p.is_file())
+        stac_files = [p for p in files if p.suffix.lower() in ITEM_SUFFIXES]
+        item_files = []
+        for path in stac_files:
+            doc_type = _peek_type(path)
+            if doc_type == "Collection":
+                collections.add(_load_json(path).get("id", ""))
+            elif doc_type != "Catalog":
+                item_files.append(path)
+        if item_files:
+            for path in item_files:
                 yield from _read_local_items(path)
-        if not found:
+            return
+        # No STAC metadata: the GeoTIFFs themselves are the catalog (an LROC download, say).
+        # Where metadata exists the GeoTIFFs beside it are its assets, not items.
+        rasters = [p for p in files if p.suffix.lower() in RASTER_SUFFIXES]
+        if not rasters:
             raise CatalogReadError(
                 f"local catalog {root} holds no STAC items, items files or GeoTIFFs"
             )
+        for path in rasters:
+            yield _cog_item(path)
         return
     if root.suffix.lower() in ITEM_SUFFIXES and _peek_type(root) in ("Collection", "Catalog"):
         yield from _walk_static(root, collections, set())
@@ -362,6 +366,11 @@ def _peek_type(path: Path) -> str | None:
         return None
     doc = _load_json(path)
     return doc.get("type") if isinstance(doc, dict) else None
+
+
+def _has_links(path: Path) -> bool:
+    """Whether a catalog/collection file links to children or items (else items sit beside it)."""
+    return any(link.get("rel") in ("child", "item") for link in _load_json(path).get("links", []))
 
 
 def _load_json(path: Path) -> Any:

@@ -40,16 +40,26 @@ def items_file(tmp_path: Path) -> Path:
 def test_search_writes_each_format(tmp_path: Path, items_file: Path) -> None:
     for suffix in (".json", ".ndjson", ".parquet"):
         out = tmp_path / f"found{suffix}"
-        proc = planetseg("search", "--catalog", str(items_file), "--bbox", BBOX,
-                         "--datetime", DATETIME, "--out", str(out))
+        proc = planetseg(
+            "search",
+            "--catalog",
+            str(items_file),
+            "--bbox",
+            BBOX,
+            "--datetime",
+            DATETIME,
+            "--out",
+            str(out),
+        )
         assert proc.returncode == 0, proc.stderr
         assert f"{len(EXPECTED)} items" in proc.stdout
         assert [it["id"] for it in read_items(out)] == EXPECTED
 
 
 def test_search_json_to_stdout(items_file: Path) -> None:
-    proc = planetseg("search", "-c", str(items_file), "--bbox", BBOX, "--datetime", DATETIME,
-                     "--json")
+    proc = planetseg(
+        "search", "-c", str(items_file), "--bbox", BBOX, "--datetime", DATETIME, "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["type"] == "FeatureCollection"
@@ -90,6 +100,15 @@ def test_bad_catalogs(tmp_path: Path) -> None:
 def test_catalogs_lists_worlds_and_collections() -> None:
     proc = planetseg("catalogs")
     assert proc.returncode == 0, proc.stderr
-    for word in ("earth-search", "planetary-computer", "usgs-astro", "hirise",
-                 "mro_hirise_uncontrolled_observations", "kaguya", "lroc", "mars", "moon"):
+    for word in (
+        "earth-search",
+        "planetary-computer",
+        "usgs-astro",
+        "hirise",
+        "mro_hirise_uncontrolled_observations",
+        "kaguya",
+        "lroc",
+        "mars",
+        "moon",
+    ):
         assert word in proc.stdout

@@ -85,7 +85,9 @@ def test_open_ended_interval_and_max_items(items_file: Path) -> None:
 def test_antimeridian_and_0_360_longitudes(tmp_path: Path) -> None:
     items = [grid_item(0), grid_item(29)]  # lon -15 and +14
     items[0]["geometry"]["coordinates"] = [[[179.6, 0], [180, 0], [180, 1], [179.6, 1], [179.6, 0]]]
-    items[1]["geometry"]["coordinates"] = [[[-180, 0], [-179.5, 0], [-179.5, 1], [-180, 1], [-180, 0]]]
+    items[1]["geometry"]["coordinates"] = [
+        [[-180, 0], [-179.5, 0], [-179.5, 1], [-180, 1], [-180, 0]]
+    ]
     path = write_items(items, tmp_path / "items.json")
     # 179.5 .. -179.8 crosses the antimeridian; 179.5..180.2 east is the same box in 0..360.
     for bbox in ("179.5,0,-179.8,1", "179.5,0,180.2,1"):
@@ -156,8 +158,15 @@ def test_folder_of_cogs(tmp_path: Path) -> None:
 
     folder = tmp_path / "lroc"
     folder.mkdir()
-    profile = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint8",
-                   crs="IAU_2015:30110", transform=from_origin(0.0, 30_000.0, 10.0, 10.0))
+    profile = dict(
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=1,
+        dtype="uint8",
+        crs="IAU_2015:30110",
+        transform=from_origin(0.0, 30_000.0, 10.0, 10.0),
+    )
     with rasterio.open(folder / "M123.tif", "w", **profile) as dst:
         dst.write(np.ones((1, 64, 64), "uint8"))
         dst.update_tags(TIFFTAG_DATETIME="2010:05:01 10:00:00")
