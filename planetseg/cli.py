@@ -50,6 +50,8 @@ def _main(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # urllib3 warns on every retry; a retry that succeeds is not news unless asked (-v).
+    logging.getLogger("urllib3").setLevel(logging.ERROR if verbose == 0 else level)
 
 
 # --------------------------------------------------------------------------- catalogs

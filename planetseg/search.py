@@ -244,7 +244,10 @@ def _search_api(
     stac_io = StacApiIO(timeout=config.timeout, max_retries=retry)
     where = catalog.location
     try:
-        client = Client.open(where, stac_io=stac_io, modifier=_signer(catalog))
+        # Client.open resets the StacApiIO's timeout to its own argument: pass it twice.
+        client = Client.open(
+            where, stac_io=stac_io, timeout=config.timeout, modifier=_signer(catalog)
+        )
         for cid in collections:
             if client.get_collection(cid) is None:
                 raise CollectionNotFoundError(

@@ -219,10 +219,16 @@ class SynthConfig:
         _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
         _require(_is_int(self.size) and self.size >= 64, "size", "an integer >= 64 pixels")
         _require(math.isfinite(self.gsd) and self.gsd > 0, "gsd", "a positive number of metres")
-        _require(math.isfinite(self.center_lat) and -90 < self.center_lat < 90, "center_lat",
-                 "in (-90, 90) degrees")
-        _require(math.isfinite(self.center_lon) and -360 <= self.center_lon <= 360, "center_lon",
-                 "in [-360, 360] degrees")
+        _require(
+            math.isfinite(self.center_lat) and -90 < self.center_lat < 90,
+            "center_lat",
+            "in (-90, 90) degrees",
+        )
+        _require(
+            math.isfinite(self.center_lon) and -360 <= self.center_lon <= 360,
+            "center_lon",
+            "in [-360, 360] degrees",
+        )
         epochs = tuple(self.epochs)
         if not epochs or not all(isinstance(e, EpochSpec) for e in epochs):
             raise InvalidArgumentError("epochs must be a non-empty tuple of EpochSpec")
@@ -235,18 +241,29 @@ class SynthConfig:
                     f"({isoformat(times[k])}) is not after epoch {k - 1} "
                     f"({isoformat(times[k - 1])})"
                 )
-        _require(math.isfinite(self.crater_density) and self.crater_density >= 0,
-                 "crater_density", ">= 0")
+        _require(
+            math.isfinite(self.crater_density) and self.crater_density >= 0,
+            "crater_density",
+            ">= 0",
+        )
         _require(math.isfinite(self.sfd_slope) and self.sfd_slope > 0, "sfd_slope", "> 0")
-        _require(math.isfinite(self.min_diameter_px) and self.min_diameter_px >= 3,
-                 "min_diameter_px", ">= 3 pixels")
+        _require(
+            math.isfinite(self.min_diameter_px) and self.min_diameter_px >= 3,
+            "min_diameter_px",
+            ">= 3 pixels",
+        )
         dmax = self.diameter_range_px[1]
-        _require(math.isfinite(dmax) and self.min_diameter_px < dmax <= self.size / 2,
-                 "max_diameter_px", f"in ({self.min_diameter_px}, size / 2 = {self.size / 2}]")
+        _require(
+            math.isfinite(dmax) and self.min_diameter_px < dmax <= self.size / 2,
+            "max_diameter_px",
+            f"in ({self.min_diameter_px}, size / 2 = {self.size / 2}]",
+        )
         new_range = tuple(float(v) for v in self.new_crater_diameter_px)
-        _require(len(new_range) == 2 and 3 <= new_range[0] <= new_range[1] <= self.size / 2,
-                 "new_crater_diameter_px",
-                 f"(min, max) with 3 <= min <= max <= size / 2 = {self.size / 2}")
+        _require(
+            len(new_range) == 2 and 3 <= new_range[0] <= new_range[1] <= self.size / 2,
+            "new_crater_diameter_px",
+            f"(min, max) with 3 <= min <= max <= size / 2 = {self.size / 2}",
+        )
         object.__setattr__(self, "new_crater_diameter_px", new_range)
         for name in ("fresh_fraction", "new_fresh_fraction", "highland_fraction"):
             value = getattr(self, name)
@@ -324,8 +341,16 @@ def _power_law(rng: np.random.Generator, n: int, lo: float, hi: float, b: float)
     return np.sort(d)[::-1]
 
 
-def _fits(row: float, col: float, r: float, rows: np.ndarray, cols: np.ndarray,
-          radii: np.ndarray, *, disjoint: bool) -> bool:
+def _fits(
+    row: float,
+    col: float,
+    r: float,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    radii: np.ndarray,
+    *,
+    disjoint: bool,
+) -> bool:
     """Whether a crater drawn *on top of* the existing, larger ones leaves each identifiable.
 
     A newcomer may sit on a much larger crater's floor or wall but never cover its centre;
@@ -385,8 +410,9 @@ def plan_craters(config: SynthConfig) -> pd.DataFrame:
         return placed
 
     n_base = round(config.crater_density * n * n / 1e6)
-    placed = place(_power_law(rng, n_base, lo, hi, config.sfd_slope), config.fresh_fraction, 0,
-                   disjoint=False)
+    placed = place(
+        _power_law(rng, n_base, lo, hi, config.sfd_slope), config.fresh_fraction, 0, disjoint=False
+    )
     logger.debug("placed %d of %d base craters", placed, n_base)
     new_lo, new_hi = config.new_crater_diameter_px
     for k, epoch in enumerate(config.epochs):
@@ -397,15 +423,17 @@ def plan_craters(config: SynthConfig) -> pd.DataFrame:
         if placed < epoch.new_craters:
             logger.warning(
                 "epoch %d: placed %d of %d new craters (the scene is crowded: lower "
-                "crater_density or new_crater_diameter_px)", k, placed, epoch.new_craters
+                "crater_density or new_crater_diameter_px)",
+                k,
+                placed,
+                epoch.new_craters,
             )
     return pd.DataFrame(
         {
             "row": np.array([c.row for c in craters], dtype=np.float64),
             "col": np.array([c.col for c in craters], dtype=np.float64),
             "diameter_px": np.array([c.diameter_px for c in craters], dtype=np.float64),
-            "class": pd.Series(["fresh" if c.fresh else "degraded" for c in craters],
-                               dtype=object),
+            "class": pd.Series(["fresh" if c.fresh else "degraded" for c in craters], dtype=object),
             "epoch": np.array([c.epoch for c in craters], dtype=np.int64),
         }
     )
@@ -469,8 +497,14 @@ def _terrain(config: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return height, albedo, labels
 
 
-def _draw_crater(crater: pd.Series, index: int, config: SynthConfig, height: np.ndarray,
-                 albedo: np.ndarray, labels: np.ndarray) -> None:
+def _draw_crater(
+    crater: pd.Series,
+    index: int,
+    config: SynthConfig,
+    height: np.ndarray,
+    albedo: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Add one crater to the rasters in place, touching only its bounding window."""
     rng = _rng(config.seed, _STREAM_SHAPES, index)
     n = config.size
@@ -558,8 +592,9 @@ def _shadow(height: np.ndarray, gsd: float, azimuth: float, elevation: float) ->
     return horizon > h
 
 
-def _image(height: np.ndarray, albedo: np.ndarray, epoch: EpochSpec, config: SynthConfig,
-           k: int) -> np.ndarray:
+def _image(
+    height: np.ndarray, albedo: np.ndarray, epoch: EpochSpec, config: SynthConfig, k: int
+) -> np.ndarray:
     """Render one epoch as uint8 digital numbers."""
     gsd = config.gsd
     gy, gx = np.gradient(height, gsd)
@@ -724,8 +759,16 @@ def _write_cog(path: Path, array: np.ndarray, grid: _Grid, *, labels: bool) -> N
 
 def _write_csv(path: Path, craters: pd.DataFrame) -> None:
     # Fixed float formats make the file byte-stable and readable.
-    formats = {"lon": "{:.9f}", "lat": "{:.9f}", "diameter_km": "{:.7f}", "x": "{:.4f}",
-               "y": "{:.4f}", "row": "{:.4f}", "col": "{:.4f}", "diameter_px": "{:.4f}"}
+    formats = {
+        "lon": "{:.9f}",
+        "lat": "{:.9f}",
+        "diameter_km": "{:.7f}",
+        "x": "{:.4f}",
+        "y": "{:.4f}",
+        "row": "{:.4f}",
+        "col": "{:.4f}",
+        "diameter_px": "{:.4f}",
+    }
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(craters.columns)
@@ -740,9 +783,7 @@ def _write_csv(path: Path, craters: pd.DataFrame) -> None:
 
 def _config_record(config: SynthConfig) -> dict[str, Any]:
     record = asdict(config)
-    record["epochs"] = [
-        {**asdict(e), "datetime": isoformat(e.utc)} for e in config.epochs
-    ]
+    record["epochs"] = [{**asdict(e), "datetime": isoformat(e.utc)} for e in config.epochs]
     record["new_crater_diameter_px"] = list(config.new_crater_diameter_px)
     return record
 
@@ -784,9 +825,7 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
     if config is None:
         config = SynthConfig()
     if not isinstance(config, SynthConfig):
-        raise InvalidArgumentError(
-            f"config must be a SynthConfig, got {type(config).__name__}"
-        )
+        raise InvalidArgumentError(f"config must be a SynthConfig, got {type(config).__name__}")
     start = time.perf_counter()
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -810,12 +849,18 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
         item = raster_item(
             f"{collection_id}-e{k:02d}",
             {
-                "image": {"href": str(images[k]), "roles": ["data"],
-                          "title": f"Image, epoch {k} (hillshade x albedo, uint8)"},
-                "labels": {"href": str(labels[k]), "roles": ["labels"],
-                           "title": f"Labels, epoch {k}",
-                           "classification:classes": classes,
-                           "raster:bands": [{"data_type": "uint8"}]},
+                "image": {
+                    "href": str(images[k]),
+                    "roles": ["data"],
+                    "title": f"Image, epoch {k} (hillshade x albedo, uint8)",
+                },
+                "labels": {
+                    "href": str(labels[k]),
+                    "roles": ["labels"],
+                    "title": f"Labels, epoch {k}",
+                    "classification:classes": classes,
+                    "raster:bands": [{"data_type": "uint8"}],
+                },
             },
             datetime=epoch.utc,
             collection=collection_id,
@@ -839,7 +884,12 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
 
     logger.info(
         "synthetic %s world (seed %d, %d px, %d craters, %d epochs) written to %s in %.1f s",
-        scene.body.name, config.seed, config.size, len(scene.craters), len(config.epochs), root,
+        scene.body.name,
+        config.seed,
+        config.size,
+        len(scene.craters),
+        len(config.epochs),
+        root,
         time.perf_counter() - start,
     )
     return SynthWorld(
@@ -855,8 +905,9 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
     )
 
 
-def _collection(collection_id: str, scene: SynthScene, items: list[Item],
-                classes: list[dict[str, Any]]) -> dict[str, Any]:
+def _collection(
+    collection_id: str, scene: SynthScene, items: list[Item], classes: list[dict[str, Any]]
+) -> dict[str, Any]:
     config = scene.config
     counts = scene.craters.groupby(["epoch", "class"]).size()
     bbox = items[0]["bbox"]
@@ -865,8 +916,11 @@ def _collection(collection_id: str, scene: SynthScene, items: list[Item],
     return {
         "type": "Collection",
         "stac_version": "1.1.0",
-        "stac_extensions": [CLASSIFICATION_SCHEMA, VIEW_SCHEMA,
-                            "https://stac-extensions.github.io/projection/v2.0.0/schema.json"],
+        "stac_extensions": [
+            CLASSIFICATION_SCHEMA,
+            VIEW_SCHEMA,
+            "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+        ],
         "id": collection_id,
         "title": f"Synthetic {scene.body.name.capitalize()} world (seed {config.seed})",
         "description": (
@@ -876,7 +930,8 @@ def _collection(collection_id: str, scene: SynthScene, items: list[Item],
             f"{len(config.epochs)} epochs, {len(scene.craters)} craters "
             f"({', '.join(f'epoch {e} {c}: {n}' for (e, c), n in counts.items())}). "
             "Images are hillshade x albedo (uint8); labels are "
-            + ", ".join(f"{v} {n}" for v, n in CLASSES.items()) + "."
+            + ", ".join(f"{v} {n}" for v, n in CLASSES.items())
+            + "."
         ),
         "license": "CC0-1.0",
         "keywords": ["synthetic", scene.body.name, "craters", "ground truth"],
@@ -899,11 +954,19 @@ def _collection(collection_id: str, scene: SynthScene, items: list[Item],
             "classification:classes": classes,
         },
         "item_assets": {
-            "image": {"type": COG_TYPE, "roles": ["data"], "title": "Image (uint8)",
-                      "raster:bands": [{"data_type": "uint8"}]},
-            "labels": {"type": COG_TYPE, "roles": ["labels"], "title": "Labels (uint8)",
-                       "classification:classes": classes,
-                       "raster:bands": [{"data_type": "uint8"}]},
+            "image": {
+                "type": COG_TYPE,
+                "roles": ["data"],
+                "title": "Image (uint8)",
+                "raster:bands": [{"data_type": "uint8"}],
+            },
+            "labels": {
+                "type": COG_TYPE,
+                "roles": ["labels"],
+                "title": "Labels (uint8)",
+                "classification:classes": classes,
+                "raster:bands": [{"data_type": "uint8"}],
+            },
         },
         "links": [],
         "planetseg:provenance": {
