@@ -8,6 +8,10 @@ codes are ``NAIF_ID * 100 + variant`` (``30110`` is the Moon's equirectangular p
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -133,3 +137,28 @@ def same_body(crss: list[str | CRS], *, what: str = "inputs") -> Body:
     if not bodies:
         raise CRSError(f"{what} carry no CRS")
     return BODIES[bodies.pop()]
+
+
+_PROJ_SWITCH = "PROJ_IGNORE_CELESTIAL_BODY"
+_proj_lock = threading.RLock()
+
+
+@contextmanager
+def celestial_proj() -> Iterator[None]:
+    """Let PROJ build transformations that touch a non-Earth CRS, for the block's duration.
+
+    odc-stac always relates a grid to EPSG:4326 (for its metadata), which PROJ refuses for a
+    Moon or Mars CRS unless ``PROJ_IGNORE_CELESTIAL_BODY=YES``. That switch also disables
+    PROJ's guard against mixing bodies, so planetseg checks bodies itself
+    (:func:`same_body`) before entering this block, and keeps the switch scoped to it.
+    """
+    with _proj_lock:
+        previous = os.environ.get(_PROJ_SWITCH)
+        os.environ[_PROJ_SWITCH] = "YES"
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ[_PROJ_SWITCH]
+            else:
+                os.environ[_PROJ_SWITCH] = previous

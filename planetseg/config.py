@@ -8,6 +8,7 @@ one built from the command line are checked the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,43 @@ class SearchConfig:
     timeout: float = 30.0
     retries: int = 5
     backoff: float = 0.5
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How to turn items into a datacube.
+
+    Attributes:
+        out: Path of the zarr store to create, resume or append to.
+        bbox: Area to ingest, ``"W,S,E,N"`` in body lon/lat; None for the items' union.
+        crs: Cube CRS (authority code or WKT2); None for the items' own (they must agree).
+        resolution: Pixel size in CRS units; None for the items' finest native resolution.
+        tile: Tile and chunk size in pixels (a multiple of 16).
+        bands: Asset keys to read; empty for the assets with role ``data``.
+        groupby: Time steps: ``day`` (UTC day), ``time`` (exact datetime), ``id`` (one step per
+            item) or ``solar_day`` (Earth only). Items of one step are mosaicked.
+        dtype: Image dtype; None for the assets' own.
+        engine: Loader: ``odc`` (any CRS) or ``stackstac`` (EPSG Earth items).
+        resampling: Image resampling when the grid differs from the native one.
+        labels: Label source: an asset key holding label rasters, or a crater catalog
+            (``.csv``/``.parquet``) or polygon file (``.geojson``/``.gpkg``/``.parquet``).
+        label_field: Class column of a polygon file.
+        fill_missing: Fill items whose assets cannot be read with nodata (with a warning)
+            instead of failing.
+        batch_tiles: Tiles per submitted partition; bounds the graph and memory.
+    """
+
+    out: str
+    bbox: str | tuple[float, float, float, float] | None = None
+    crs: str | None = None
+    resolution: float | None = None
+    tile: int = 512
+    bands: tuple[str, ...] = ()
+    groupby: Literal["day", "time", "id", "solar_day"] = "day"
+    dtype: str | None = None
+    engine: Literal["odc", "stackstac"] = "odc"
+    resampling: str = "nearest"
+    labels: str | None = None
+    label_field: str = "class"
+    fill_missing: bool = False
+    batch_tiles: int = 64

@@ -42,6 +42,14 @@ class CatalogUnavailableError(PlanetsegError, ConnectionError):
     """A STAC API did not answer, or kept answering with errors, after all retries."""
 
 
+class AssetReadError(PlanetsegError, OSError):
+    """An asset (a COG behind an item) cannot be opened or its pixels cannot be read."""
+
+
+class StoreMismatchError(PlanetsegError, FileExistsError):
+    """An output store exists but holds something else than this run would write."""
+
+
 class CRSError(PlanetsegError, ValueError):
     """A CRS is missing, unknown, or belongs to another body than expected."""
 

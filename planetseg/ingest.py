@@ -1,0 +1,952 @@
+"""The ``ingest`` stage: STAC items -> a tiled zarr datacube, lazily, on any world.
+
+Plan, then execute. :func:`plan_ingest` looks only at item metadata (and opens each asset's
+header once, to fail early on unreadable assets) and returns a small picklable
+:class:`CubePlan`: the grid, the time steps and the items in each, the bands. Execution builds
+the lazy cube through a :mod:`~planetseg.loaders` engine and writes it tile by tile, one zarr
+chunk per tile, in bounded partitions, on a Dask cluster or the threaded scheduler.
+
+Store layout (zarr v3, written through xarray, readable by rioxarray)::
+
+    image(time, band, y, x)   chunks (1, all bands, T, T)
+    labels(time, y, x) or labels(y, x)   uint8, optional
+    spatial_ref               CF grid mapping: the CRS as WKT2 (IAU CRSs included)
+    x, y                      pixel centres; time: one step per acquisition group
+
+Resumable: every tile written leaves a marker in ``<store>.progress/`` *after* its chunks; a
+re-run writes only tiles without a marker, and the folder goes once the store is complete. ``attrs["planetseg:complete"]`` becomes true only
+once every tile is written, so an interrupted store never passes for a finished one.
+Appendable: new acquisitions on the same grid are appended along ``time``; earlier chunks
+are not touched.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import math
+import shutil
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planetseg import __version__
+from planetseg.bodies import parse_crs, same_body
+from planetseg.config import IngestConfig
+from planetseg.errors import (
+    AssetReadError,
+    CatalogReadError,
+    CRSError,
+    InvalidArgumentError,
+    PlanetsegWarning,
+    StoreMismatchError,
+)
+from planetseg.items import Item, read_items
+from planetseg.search import parse_bbox
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+PROGRESS_SUFFIX = ".progress"
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class BandSpec:
+    """One band of the cube.
+
+    Attributes:
+        name: Band coordinate value (``image`` or ``visual.2``).
+        asset: Asset key it is read from.
+        index: 1-based band index within the asset.
+        multiband: Whether the asset has several bands.
+    """
+
+    name: str
+    asset: str
+    index: int = 1
+    multiband: bool = False
+
+
+@dataclass(frozen=True)
+class TimeStep:
+    """One time step: a group of items mosaicked together.
+
+    Attributes:
+        key: Group key (e.g. the UTC day); identifies the step across runs.
+        datetime: RFC 3339 time of the step (its earliest item).
+        item_ids: Items mosaicked into the step, first on top.
+    """
+
+    key: str
+    datetime: str
+    item_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CubePlan:
+    """Everything needed to build and write a cube, and nothing heavy.
+
+    Attributes:
+        crs_wkt: Target CRS as WKT2.
+        body: Body of the CRS.
+        transform: Affine coefficients ``(a, b, c, d, e, f)`` of the pixel-corner grid.
+        shape: ``(height, width)`` in pixels.
+        tile: Tile (chunk) size in pixels.
+        times: Time steps in time order.
+        bands: Image bands.
+        dtype: Image dtype.
+        nodata: Image nodata/fill value (None: 0 for integers, NaN for floats).
+        resampling: Image resampling (GDAL name).
+        label_asset: Asset key of a label raster, giving ``labels(time, y, x)``.
+        label_source: Path of a crater catalog or polygon file, giving ``labels(y, x)``.
+        label_field: Class column of ``label_source``.
+        fill_missing: Whether unreadable assets were dropped (with a warning).
+    """
+
+    crs_wkt: str
+    body: str
+    transform: tuple[float, float, float, float, float, float]
+    shape: tuple[int, int]
+    tile: int
+    times: tuple[TimeStep, ...]
+    bands: tuple[BandSpec, ...]
+    dtype: str
+    nodata: float | None
+    resampling: str = "nearest"
+    label_asset: str | None = None
+    label_source: str | None = None
+    label_field: str = "class"
+    fill_missing: bool = False
+
+    @property
+    def band_names(self) -> list[str]:
+        """Band coordinate values."""
+        return [b.name for b in self.bands]
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` in CRS units."""
+        a, _, c, _, e, f = self.transform
+        h, w = self.shape
+        return (c, f + e * h, c + a * w, f)
+
+    @property
+    def epsg(self) -> int | None:
+        """EPSG code of the CRS, if it has one."""
+        return parse_crs(self.crs_wkt).to_epsg()
+
+    @property
+    def tiles_yx(self) -> tuple[int, int]:
+        """Number of tiles along y and x."""
+        return (math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile))
+
+    def geobox(self) -> Any:
+        """The grid as an ``odc.geo.geobox.GeoBox``."""
+        from affine import Affine
+        from odc.geo.geobox import GeoBox
+
+        from planetseg.bodies import celestial_proj
+
+        with celestial_proj():
+            return GeoBox(self.shape, Affine(*self.transform), self.crs_wkt)
+
+    def grid_signature(self) -> dict[str, Any]:
+        """What must match for two runs to write into the same store."""
+        return {
+            "crs_wkt": self.crs_wkt,
+            "transform": list(self.transform),
+            "shape": list(self.shape),
+            "tile": self.tile,
+            "bands": self.band_names,
+            "dtype": self.dtype,
+            "labels": bool(self.label_asset or self.label_source),
+        }
+
+    def to_json(self) -> str:
+        """Serialise (stored in the cube's attributes)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> CubePlan:
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        d["transform"] = tuple(d["transform"])
+        d["shape"] = tuple(d["shape"])
+        d["times"] = tuple(
+            TimeStep(t["key"], t["datetime"], tuple(t["item_ids"])) for t in d["times"]
+        )
+        d["bands"] = tuple(BandSpec(**b) for b in d["bands"])
+        return cls(**d)
+
+
+def _item_crs(item: Item, asset: str | None = None) -> str:
+    holders = [item.get("assets", {}).get(asset, {})] if asset else []
+    holders.append(item.get("properties", {}))
+    for holder in holders:
+        if holder.get("proj:code"):
+            return str(holder["proj:code"])
+        if holder.get("proj:epsg"):
+            return f"EPSG:{holder['proj:epsg']}"
+        if holder.get("proj:wkt2"):
+            return str(holder["proj:wkt2"])
+    raise CRSError(
+        f"item {item['id']!r} has no projection metadata (proj:code, proj:epsg or proj:wkt2): "
+        "add it to the item, or describe the files with a local catalog (a folder of COGs)"
+    )
+
+
+def _item_grid(item: Item, asset: str) -> tuple[tuple[float, ...], tuple[int, int]] | None:
+    for holder in (item["assets"].get(asset, {}), item.get("properties", {})):
+        if holder.get("proj:transform") and holder.get("proj:shape"):
+            return tuple(holder["proj:transform"][:6]), tuple(holder["proj:shape"])
+    return None
+
+
+def _group_key(item: Item, groupby: str, body: str) -> str:
+    props = item["properties"]
+    when = props.get("datetime") or props.get("start_datetime")
+    if groupby == "id":
+        return item["id"]
+    if not when:
+        raise InvalidArgumentError(f"item {item['id']!r} has no datetime to group by")
+    t = dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    if groupby == "time":
+        return t.astimezone(dt.UTC).isoformat()
+    if groupby == "solar_day":
+        if body != "earth":
+            raise InvalidArgumentError(
+                f"--groupby solar_day uses Earth's local solar time; for the {body} use "
+                "--groupby day, time or id"
+            )
+        lon = sum(item["bbox"][0::2][:2]) / 2 if item.get("bbox") else 0.0
+        t = t + dt.timedelta(hours=lon / 15.0)
+    return t.astimezone(dt.UTC).date().isoformat()
+
+
+def _default_bands(item: Item, label_asset: str | None) -> list[str]:
+    assets = item.get("assets", {})
+    data = [k for k, a in assets.items() if "data" in a.get("roles", []) and k != label_asset]
+    if data:
+        return data
+    return [
+        k
+        for k, a in assets.items()
+        if k != label_asset
+        and "labels" not in a.get("roles", [])
+        and "image/tiff" in a.get("type", "image/tiff")
+    ]
+
+
+def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
+    """Plan a cube from item metadata. Cheap: reads no pixels.
+
+    Raises:
+        CatalogReadError: no items.
+        CRSError / MixedBodiesError: missing projection metadata, or items of several bodies.
+        InvalidArgumentError: bad tile, resolution, bands, or a bbox missing every item.
+    """
+    if not items:
+        raise CatalogReadError("no items to ingest: the items file or search result is empty")
+    if config.tile < 16 or config.tile % 16:
+        raise InvalidArgumentError(f"--tile {config.tile}: use a multiple of 16, at least 16")
+    label_asset = config.labels if config.labels and not _is_file(config.labels) else None
+    label_source = config.labels if config.labels and _is_file(config.labels) else None
+    first = items[0]
+    asset_keys = list(config.bands) or _default_bands(first, label_asset)
+    if not asset_keys:
+        raise InvalidArgumentError(
+            f"item {first['id']!r} has no data assets: name them with --bands"
+        )
+    for item in items:
+        for key in [*asset_keys, *([label_asset] if label_asset else [])]:
+            if key not in item.get("assets", {}):
+                raise InvalidArgumentError(
+                    f"item {item['id']!r} has no asset {key!r} (it has "
+                    f"{', '.join(item.get('assets', {}))}): choose --bands/--labels among them"
+                )
+    crss = [_item_crs(it, asset_keys[0]) for it in items]
+    body = same_body(crss, what="the items")
+    target = parse_crs(config.crs) if config.crs else None
+    if target is None:
+        distinct = sorted(set(crss))
+        if len(distinct) > 1:
+            raise InvalidArgumentError(
+                f"the items are in {len(distinct)} CRSs "
+                f"({', '.join(d[:40] for d in distinct[:3])}): choose the cube's with --crs"
+            )
+        target = parse_crs(distinct[0])
+    same_body([target, crss[0]], what="--crs and the items")
+    resolution = config.resolution or _native_resolution(items, crss, asset_keys[0], target)
+    if resolution is None or resolution <= 0:
+        raise InvalidArgumentError(
+            "cannot tell the items' native resolution in the cube's CRS: give --resolution"
+        )
+    bounds = _extent(items, crss, asset_keys[0], target, config.bbox)
+    transform, shape = _snap(bounds, resolution)
+    groups: dict[str, list[Item]] = {}
+    for item in sorted(items, key=lambda it: (it["properties"].get("datetime") or "", it["id"])):
+        groups.setdefault(_group_key(item, config.groupby, body.name), []).append(item)
+    times = tuple(
+        TimeStep(
+            key, members[0]["properties"].get("datetime") or "", tuple(m["id"] for m in members)
+        )
+        for key, members in groups.items()
+    )
+    bands = tuple(_band_specs(first, asset_keys))
+    dtype, nodata = _dtype_nodata(first, asset_keys[0], config)
+    return CubePlan(
+        crs_wkt=target.to_wkt(),
+        body=body.name,
+        transform=transform,
+        shape=shape,
+        tile=config.tile,
+        times=times,
+        bands=bands,
+        dtype=dtype,
+        nodata=nodata,
+        resampling=config.resampling,
+        label_asset=label_asset,
+        label_source=str(Path(label_source).resolve()) if label_source else None,
+        label_field=config.label_field,
+        fill_missing=config.fill_missing,
+    )
+
+
+def _is_file(value: str) -> bool:
+    return Path(value).suffix.lower() in (".csv", ".parquet", ".geojson", ".json", ".gpkg")
+
+
+def _band_specs(item: Item, asset_keys: list[str]) -> Iterable[BandSpec]:
+    for key in asset_keys:
+        n = len(item["assets"][key].get("raster:bands", [])) or 1
+        if n == 1:
+            yield BandSpec(key, key)
+        else:
+            yield from (BandSpec(f"{key}.{i}", key, i, True) for i in range(1, n + 1))
+
+
+def _dtype_nodata(item: Item, asset: str, config: IngestConfig) -> tuple[str, float | None]:
+    bands = item["assets"][asset].get("raster:bands") or [{}]
+    dtype = config.dtype or bands[0].get("data_type") or "float32"
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        raise InvalidArgumentError(f"--dtype {dtype!r} is not a numpy dtype") from None
+    nodata = bands[0].get("nodata")
+    return dtype, (float(nodata) if nodata is not None else None)
+
+
+def _native_resolution(
+    items: Sequence[Item], crss: list[str], asset: str, target: Any
+) -> float | None:
+    native = [
+        abs(grid[0][0])
+        for item, crs in zip(items, crss, strict=True)
+        if (grid := _item_grid(item, asset)) is not None and parse_crs(crs) == target
+    ]
+    return min(native) if native else None
+
+
+def _extent(
+    items: Sequence[Item], crss: list[str], asset: str, target: Any, bbox_arg: Any
+) -> tuple[float, float, float, float]:
+    from pyproj import Transformer
+
+    from planetseg.bodies import body_of_crs
+
+    geographic = body_of_crs(target).crs
+    to_target = Transformer.from_crs(geographic, target, always_xy=True)
+    footprints = []
+    for item, crs in zip(items, crss, strict=True):
+        grid = _item_grid(item, asset)
+        if grid is not None and parse_crs(crs) == target:
+            (a, _, c, _, e, f), (h, w) = grid
+            footprints.append(
+                (min(c, c + a * w), min(f, f + e * h), max(c, c + a * w), max(f, f + e * h))
+            )
+        elif item.get("bbox"):
+            footprints.append(
+                to_target.transform_bounds(*item["bbox"][:2], *item["bbox"][-2:], densify_pts=21)
+            )
+    if not footprints:
+        raise InvalidArgumentError("the items carry neither proj:transform nor bbox: give --bbox")
+    union = (
+        min(b[0] for b in footprints),
+        min(b[1] for b in footprints),
+        max(b[2] for b in footprints),
+        max(b[3] for b in footprints),
+    )
+    bbox = parse_bbox(bbox_arg)
+    if bbox is None:
+        return union
+    w, s, e, n = bbox
+    if w > e:
+        raise InvalidArgumentError("--bbox crossing the antimeridian is not supported by ingest")
+    req = to_target.transform_bounds(w, s, e, n, densify_pts=21)
+    inter = (
+        max(req[0], union[0]),
+        max(req[1], union[1]),
+        min(req[2], union[2]),
+        min(req[3], union[3]),
+    )
+    if inter[0] >= inter[2] or inter[1] >= inter[3]:
+        raise InvalidArgumentError(
+            f"--bbox {bbox_arg} does not intersect any item: the items cover "
+            f"{_lonlat_union(items)} (lon/lat)"
+        )
+    return inter
+
+
+def _lonlat_union(items: Sequence[Item]) -> str:
+    boxes = [it["bbox"] for it in items if it.get("bbox")]
+    if not boxes:
+        return "an unknown area"
+    return ",".join(
+        f"{v:.4f}"
+        for v in (
+            min(b[0] for b in boxes),
+            min(b[1] for b in boxes),
+            max(b[-2] for b in boxes),
+            max(b[-1] for b in boxes),
+        )
+    )
+
+
+def _snap(
+    bounds: tuple[float, float, float, float], res: float
+) -> tuple[tuple[float, float, float, float, float, float], tuple[int, int]]:
+    """Grid whose pixel edges sit on multiples of the resolution, so epochs align."""
+    left, bottom, right, top = bounds
+    eps = 1e-9 * max(1.0, abs(res))
+    x0 = math.floor(left / res + eps) * res
+    y0 = math.ceil(top / res - eps) * res
+    width = max(1, math.ceil((right - x0) / res - eps))
+    height = max(1, math.ceil((y0 - bottom) / res - eps))
+    return (res, 0.0, x0, 0.0, -res, y0), (height, width)
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def check_assets(items: Sequence[Item], plan: CubePlan, *, threads: int = 8) -> list[str]:
+    """Open every asset's header once; return ids of items with an unreadable asset.
+
+    Raises:
+        AssetReadError: an asset cannot be read and ``plan.fill_missing`` is off.
+    """
+    import rasterio
+
+    keys = sorted(
+        {b.asset for b in plan.bands} | ({plan.label_asset} if plan.label_asset else set())
+    )
+    jobs = [(it["id"], k, it["assets"][k]["href"]) for it in items for k in keys]
+
+    def probe(job: tuple[str, str, str]) -> tuple[str, str, str, str | None]:
+        item_id, key, href = job
+        try:
+            with rasterio.open(href):
+                return item_id, key, href, None
+        except rasterio.errors.RasterioIOError as exc:
+            return item_id, key, href, str(exc).splitlines()[0] if str(exc) else "unreadable"
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        failures = [r for r in pool.map(probe, jobs) if r[3] is not None]
+    if failures and not plan.fill_missing:
+        item_id, key, href, why = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise AssetReadError(
+            f"cannot read asset {key!r} of item {item_id!r} at {href}: {why}{more}; fix the "
+            "catalog, or pass --fill-missing to fill such items with nodata"
+        )
+    bad = sorted({f[0] for f in failures})
+    if bad:
+        warnings.warn(
+            f"{len(bad)} item(s) with unreadable assets are filled with nodata: {', '.join(bad)}",
+            PlanetsegWarning,
+            stacklevel=2,
+        )
+    return bad
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _cf_attrs(crs_wkt: str, transform: tuple[float, ...]) -> dict[str, Any]:
+    crs = parse_crs(crs_wkt)
+    attrs = dict(crs.to_cf())
+    attrs["crs_wkt"] = crs.to_wkt()
+    attrs["spatial_ref"] = crs.to_wkt()  # GDAL's name for the same thing
+    a, b, c, d, e, f = transform
+    attrs["GeoTransform"] = " ".join(str(v) for v in (c, a, b, f, d, e))
+    return attrs
+
+
+def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool) -> Any:
+    """A Dataset with the store's variables as never-computed Dask zeros (metadata only)."""
+    import dask.array as da
+    import xarray as xr
+
+    h, w = plan.shape
+    a, _, c, _, e, f = plan.transform
+    t = plan.tile
+    nb = len(plan.bands)
+    coords = {
+        "time": np.array([_np_time(s.datetime) for s in times], dtype="datetime64[ns]"),
+        "band": np.array(plan.band_names, dtype=object),
+        "y": f + e * (np.arange(h) + 0.5),
+        "x": c + a * (np.arange(w) + 0.5),
+        "spatial_ref": xr.Variable((), np.int32(0), attrs=_cf_attrs(plan.crs_wkt, plan.transform)),
+    }
+    image = da.zeros((len(times), nb, h, w), dtype=plan.dtype, chunks=(1, nb, t, t))
+    data = {"image": (("time", "band", "y", "x"), image, {"grid_mapping": "spatial_ref"})}
+    if plan.label_asset:
+        data["labels"] = (
+            ("time", "y", "x"),
+            da.zeros((len(times), h, w), dtype="uint8", chunks=(1, t, t)),
+            {"grid_mapping": "spatial_ref"},
+        )
+    if static_labels:
+        data["labels"] = (
+            ("y", "x"),
+            da.zeros((h, w), dtype="uint8", chunks=(t, t)),
+            {"grid_mapping": "spatial_ref"},
+        )
+    ds = xr.Dataset(data, coords=coords)
+    ds["x"].attrs.update(standard_name="projection_x_coordinate", axis="X")
+    ds["y"].attrs.update(standard_name="projection_y_coordinate", axis="Y")
+    return ds
+
+
+def _np_time(text: str) -> np.datetime64:
+    t = dt.datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(dt.UTC)
+    return np.datetime64(t.replace(tzinfo=None), "ns")
+
+
+def _encoding(plan: CubePlan, ds: Any) -> dict[str, Any]:
+    t = plan.tile
+    fill = (
+        plan.nodata
+        if plan.nodata is not None
+        else (0 if np.issubdtype(np.dtype(plan.dtype), np.integer) else float("nan"))
+    )
+    enc: dict[str, Any] = {
+        "image": {"chunks": (1, len(plan.bands), t, t), "fill_value": fill},
+        "time": {"units": "microseconds since 1970-01-01", "dtype": "int64"},
+    }
+    if "labels" in ds:
+        enc["labels"] = {"chunks": ds["labels"].data.chunksize, "fill_value": 0}
+    return enc
+
+
+@dataclass
+class StoreState:
+    """What an existing store already holds.
+
+    Attributes:
+        exists: Whether the store exists.
+        complete: Whether it was marked complete.
+        keys: Time-step keys in the store, in order.
+        times_done: Leading time steps known to be fully written.
+        static_done: Whether time-less labels are fully written (or there are none).
+        done: Markers of tiles written since the store was last complete.
+    """
+
+    exists: bool
+    complete: bool = False
+    keys: list[str] = field(default_factory=list)
+    times_done: int = 0
+    static_done: bool = True
+    done: set[str] = field(default_factory=set)
+
+
+def progress_dir(store: Path) -> Path:
+    """Where tile markers of an unfinished run live: beside the store, removed on completion."""
+    return store.with_name(store.name + PROGRESS_SUFFIX)
+
+
+def read_state(store: Path) -> StoreState:
+    """Inspect a store written by :func:`ingest` (absent stores give ``exists=False``).
+
+    Raises:
+        StoreMismatchError: the path holds something that is not a planetseg cube.
+    """
+    import zarr
+
+    if not (store / "zarr.json").exists():
+        if store.exists() and any(store.iterdir()):
+            raise StoreMismatchError(
+                f"{store} exists and is not a planetseg cube: choose another --out"
+            )
+        return StoreState(False)
+    attrs = dict(zarr.open_group(str(store), mode="r").attrs)
+    plan = attrs.get("planetseg:plan")
+    if plan is None:
+        raise StoreMismatchError(f"{store} is not a planetseg cube: choose another --out")
+    marks = progress_dir(store)
+    done = {p.name for p in marks.iterdir()} if marks.exists() else set()
+    return StoreState(
+        True,
+        bool(attrs.get("planetseg:complete")),
+        [t.key for t in CubePlan.from_json(plan).times],
+        int(attrs.get("planetseg:times_done", 0)),
+        bool(attrs.get("planetseg:static_done", True)),
+        done,
+    )
+
+
+def _set_attrs(store: Path, **attrs: Any) -> None:
+    import zarr
+
+    zarr.open_group(str(store), mode="r+").attrs.update(attrs)
+
+
+def _tile_marker(t: int | None, iy: int, ix: int) -> str:
+    return f"s-{iy}-{ix}" if t is None else f"t{t}-{iy}-{ix}"
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _write_tile(
+    store: str,
+    t: int | None,
+    iy: int,
+    ix: int,
+    tile: int,
+    image: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> int:
+    """Write one tile's chunks, then its marker. Runs on a worker."""
+    import zarr
+
+    ys, xs = slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)
+    nbytes = 0
+    if image is not None:
+        zarr.open_array(store, path="image", mode="r+")[t, :, ys, xs] = image[0]
+        nbytes += image.nbytes
+    if labels is not None:
+        target = zarr.open_array(store, path="labels", mode="r+")
+        if t is None:
+            target[ys, xs] = labels
+        else:
+            target[t, ys, xs] = labels[0]
+        nbytes += labels.nbytes
+    (progress_dir(Path(store)) / _tile_marker(t, iy, ix)).touch()
+    return nbytes
+
+
+def _static_labels_tile(plan: CubePlan, iy: int, ix: int, catalog: Any) -> np.ndarray:
+    from affine import Affine
+
+    from planetseg import labels as lab
+
+    t = plan.tile
+    a, b, c, d, e, f = plan.transform
+    h = min(t, plan.shape[0] - iy * t)
+    w = min(t, plan.shape[1] - ix * t)
+    transform = Affine(a, b, c + a * ix * t, d, e, f + e * iy * t)
+    if catalog is not None:
+        values = lab.class_values(catalog.classes)
+        return lab.rasterize_craters(
+            catalog, crs=plan.crs_wkt, transform=transform, shape=(h, w), values=values
+        )
+    array, _ = lab.rasterize_polygons(
+        plan.label_source,
+        crs=plan.crs_wkt,
+        transform=transform,
+        shape=(h, w),
+        field=plan.label_field,
+    )
+    return array
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What :func:`ingest` did.
+
+    Attributes:
+        store: The cube's path.
+        plan: The full plan of the store (all time steps).
+        written: Tiles written by this run.
+        skipped: Tiles already present (resume) and left alone.
+        appended: Time-step keys appended by this run.
+        filled: Items whose unreadable assets were filled with nodata.
+    """
+
+    store: Path
+    plan: CubePlan
+    written: int
+    skipped: int
+    appended: tuple[str, ...] = ()
+    filled: tuple[str, ...] = ()
+
+
+def load_items(source: str | Path | Sequence[Item]) -> list[Item]:
+    """Items from a list, or from an items file written by ``planetseg search``."""
+    if isinstance(source, (str, Path)):
+        return read_items(source)
+    return list(source)
+
+
+def ingest(
+    items: str | Path | Sequence[Item],
+    config: IngestConfig,
+    *,
+    client: Any = None,
+    progress: Progress | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> IngestResult:
+    """Ingest items into the cube at ``config.out`` (create, resume or append).
+
+    Args:
+        items: Item dicts, or an items file.
+        config: Grid, bands, labels and engine.
+        client: A ``distributed.Client`` to compute on; None uses Dask's threaded scheduler.
+        progress: Called as ``progress(done, total)`` as tiles are written.
+        provenance: Extra provenance for the store's attributes (e.g. the search query).
+
+    Raises:
+        PlanetsegError: see :func:`plan_ingest` and :func:`check_assets`;
+            :class:`~planetseg.errors.StoreMismatchError` when ``config.out`` holds a cube on
+            another grid.
+    """
+    from planetseg.loaders import get_loader
+
+    loader = get_loader(config.engine)
+    items = load_items(items)
+    plan = plan_ingest(items, config)
+    by_id = {it["id"]: it for it in items}
+    store = Path(config.out)
+    state = read_state(store)
+    existed = state.exists
+    new_times = plan.times
+    if existed:
+        old = CubePlan.from_json(_attr(store, "planetseg:plan"))
+        if old.grid_signature() != plan.grid_signature():
+            raise StoreMismatchError(
+                f"{store} holds a cube on another grid or with other bands: choose another --out "
+                "or delete it"
+            )
+        known = set(state.keys)
+        new_times = tuple(t for t in plan.times if t.key not in known)
+        if new_times and not state.complete:
+            raise StoreMismatchError(
+                f"{store} is an unfinished ingest of other acquisitions: re-run that ingest to "
+                "finish it before appending"
+            )
+        plan = replace(old, times=old.times + new_times, fill_missing=plan.fill_missing)
+    filled = (
+        check_assets([by_id[i] for s in new_times for i in s.item_ids], plan) if new_times else []
+    )
+    if not state.exists:
+        _create_store(store, plan, config, provenance)
+    elif new_times:
+        _append_times(store, plan, new_times)
+    progress_dir(store).mkdir(exist_ok=True)
+    state = read_state(store)
+    ny, nx = plan.tiles_yx
+    todo: list[tuple[int | None, int, int]] = [
+        (t, iy, ix)
+        for t in range(state.times_done, len(plan.times))
+        for iy in range(ny)
+        for ix in range(nx)
+    ]
+    if not state.static_done:
+        todo += [(None, iy, ix) for iy in range(ny) for ix in range(nx)]
+    pending = [k for k in todo if _tile_marker(*k) not in state.done]
+    skipped = len(todo) - len(pending)
+    if pending:
+        _execute(
+            store,
+            plan,
+            by_id,
+            loader,
+            pending,
+            client=client,
+            progress=progress,
+            batch=config.batch_tiles,
+            skipped=skipped,
+            total=len(todo),
+        )
+    _set_attrs(
+        store,
+        **{
+            "planetseg:complete": True,
+            "planetseg:times_done": len(plan.times),
+            "planetseg:static_done": True,
+        },
+    )
+    shutil.rmtree(progress_dir(store), ignore_errors=True)
+    appended = tuple(s.key for s in new_times) if existed else ()
+    logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
+    return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
+
+
+def _attr(store: Path, name: str) -> Any:
+    import zarr
+
+    return zarr.open_group(str(store), mode="r").attrs[name]
+
+
+def _create_store(
+    store: Path, plan: CubePlan, config: IngestConfig, provenance: dict[str, Any] | None
+) -> None:
+    ds = _template(plan, plan.times, static_labels=bool(plan.label_source))
+    ds.attrs.update(_store_attrs(plan, config, provenance))
+    try:
+        ds.to_zarr(
+            str(store),
+            mode="w",
+            compute=False,
+            zarr_format=3,
+            consolidated=False,
+            encoding=_encoding(plan, ds),
+        )
+    except BaseException:
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+
+
+def _append_times(store: Path, plan: CubePlan, new_times: Sequence[TimeStep]) -> None:
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    attrs = dict(group.attrs)
+    # Mark unfinished first: if we die during the append, the store must not pass as complete.
+    group.attrs.update({"planetseg:complete": False})
+    ds = _template(plan, new_times, static_labels=False)
+    ds = ds.drop_vars(["x", "y", "band", "spatial_ref"])
+    if "labels" in ds and ds["labels"].dims != ("time", "y", "x"):
+        ds = ds.drop_vars("labels")
+    ds.to_zarr(str(store), mode="a", append_dim="time", compute=False, consolidated=False)
+    # to_zarr replaces the group's attributes with the (empty) template's: restore them.
+    attrs.update(
+        {
+            "planetseg:complete": False,
+            "planetseg:plan": plan.to_json(),
+            "planetseg:items": {t.key: list(t.item_ids) for t in plan.times},
+        }
+    )
+    zarr.open_group(str(store), mode="r+").attrs.update(attrs)
+
+
+def _store_attrs(
+    plan: CubePlan, config: IngestConfig, provenance: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "planetseg:complete": False,
+        "planetseg:times_done": 0,
+        "planetseg:static_done": not plan.label_source,
+        "planetseg:version": __version__,
+        "planetseg:plan": plan.to_json(),
+        "planetseg:items": {t.key: list(t.item_ids) for t in plan.times},
+        "planetseg:body": plan.body,
+        "planetseg:engine": config.engine,
+        "planetseg:config": json.dumps(asdict(config), default=str),
+        "planetseg:provenance": json.dumps(provenance or {}, default=str),
+        "planetseg:classes": json.dumps(_classes(plan)),
+    }
+
+
+def _classes(plan: CubePlan) -> dict[str, str]:
+    if plan.label_source and Path(plan.label_source).suffix.lower() in (".csv", ".parquet"):
+        from planetseg.labels import class_values, read_crater_catalog
+
+        values = class_values(read_crater_catalog(plan.label_source).classes)
+        return {"0": "background", **{str(v): k for k, v in values.items()}}
+    return {}
+
+
+def _execute(
+    store: Path,
+    plan: CubePlan,
+    items: dict[str, Item],
+    loader: Any,
+    pending: list[tuple[int | None, int, int]],
+    *,
+    client: Any,
+    progress: Progress | None,
+    batch: int,
+    skipped: int,
+    total: int,
+) -> None:
+    import dask
+
+    catalog = None
+    if plan.label_source and Path(plan.label_source).suffix.lower() in (".csv", ".parquet"):
+        from planetseg.labels import read_crater_catalog
+
+        catalog = read_crater_catalog(plan.label_source)
+    timed = sorted({k[0] for k in pending if k[0] is not None})
+    cube = loader.load(items, plan) if timed else None
+    image_blocks = cube["image"].data.to_delayed() if cube is not None else None
+    label_blocks = (
+        cube["labels"].data.to_delayed() if cube is not None and "labels" in cube else None
+    )
+    write = dask.delayed(_write_tile, pure=False)
+    label_tile = dask.delayed(_static_labels_tile, pure=True)
+    done = skipped
+    if progress:
+        progress(done, total)
+    for start in range(0, len(pending), batch):
+        tasks = []
+        for t, iy, ix in pending[start : start + batch]:
+            if t is None:
+                tasks.append(
+                    write(
+                        str(store), None, iy, ix, plan.tile, None, label_tile(plan, iy, ix, catalog)
+                    )
+                )
+            else:
+                tasks.append(
+                    write(
+                        str(store),
+                        t,
+                        iy,
+                        ix,
+                        plan.tile,
+                        image_blocks[t, 0, iy, ix],
+                        label_blocks[t, iy, ix] if label_blocks is not None else None,
+                    )
+                )
+        done = _run(tasks, client, progress, done, total)
+
+
+def _run(tasks: list[Any], client: Any, progress: Progress | None, done: int, total: int) -> int:
+    import dask
+
+    from planetseg.errors import AssetReadError
+
+    try:
+        if client is not None:
+            from distributed import as_completed
+
+            for future in as_completed(client.compute(tasks)):
+                future.result()
+                done += 1
+                if progress:
+                    progress(done, total)
+        else:
+            dask.compute(*tasks, scheduler="threads")
+            done += len(tasks)
+            if progress:
+                progress(done, total)
+    except Exception as exc:
+        import rasterio
+
+        if isinstance(exc, rasterio.errors.RasterioIOError):
+            raise AssetReadError(
+                f"reading pixels failed: {str(exc).splitlines()[0]}; the store stays marked "
+                "incomplete: fix the asset (or pass --fill-missing) and re-run to resume"
+            ) from exc
+        raise
+    return done
