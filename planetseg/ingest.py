@@ -14,8 +14,9 @@ Store layout (zarr v3, written through xarray, readable by rioxarray)::
     x, y                      pixel centres; time: one step per acquisition group
 
 Resumable: every tile written leaves a marker in ``<store>.progress/`` *after* its chunks; a
-re-run writes only tiles without a marker, and the folder goes once the store is complete. ``attrs["planetseg:complete"]`` becomes true only
-once every tile is written, so an interrupted store never passes for a finished one.
+re-run writes only tiles without a marker, and the folder goes once the store is complete.
+``attrs["planetseg:complete"]`` becomes true only once every tile is written, so an
+interrupted store never passes for a finished one.
 Appendable: new acquisitions on the same grid are appended along ``time``; earlier chunks
 are not touched.
 """
