@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,8 +53,11 @@ def _main(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    # urllib3 warns on every retry; a retry that succeeds is not news unless asked (-v).
+    # urllib3 warns on every retry, distributed narrates every worker start: not news unless
+    # asked for (-v).
     logging.getLogger("urllib3").setLevel(logging.ERROR if verbose == 0 else level)
+    # distributed configures its own loggers on import (later, lazily), from Dask's config.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if verbose < 2 else "debug")
 
 
 # --------------------------------------------------------------------------- catalogs
@@ -159,6 +165,123 @@ def _print_items(items: list[dict[str, Any]]) -> None:
         out.print(table)
     if len(items) > 50:
         out.print(f"... and {len(items) - 50} more")
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def _cluster_options(cluster: str, workers: int | None, threads: int | None) -> Any:
+    from planetseg.config import ClusterConfig
+
+    return ClusterConfig(kind=cluster, workers=workers, threads=threads)
+
+
+ClusterOpt = Annotated[
+    str, typer.Option(help="none, local, or a scheduler address tcp://HOST:PORT.")
+]
+WorkersOpt = Annotated[int | None, typer.Option(help="Workers of a local cluster.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Threads per worker.")]
+
+
+@app.command()
+def ingest(
+    source: Annotated[
+        str, typer.Argument(help="Items file from `search`, or a catalog (name, URL, path).")
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="The zarr cube to write.")],
+    collection: Annotated[
+        list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
+    ] = None,
+    bbox: Annotated[str | None, typer.Option(help="W,S,E,N in the body's lon/lat.")] = None,
+    datetime: Annotated[
+        str | None, typer.Option("--datetime", help="RFC 3339 instant or interval.")
+    ] = None,
+    crs: Annotated[str | None, typer.Option(help="Cube CRS; default: the items' own.")] = None,
+    resolution: Annotated[
+        float | None, typer.Option(help="Pixel size in CRS units; default: native.")
+    ] = None,
+    tile: Annotated[int, typer.Option(help="Tile/chunk size in pixels.")] = 512,
+    bands: Annotated[
+        str | None, typer.Option(help="Comma-separated asset keys; default: data assets.")
+    ] = None,
+    groupby: Annotated[str, typer.Option(help="day, time, id or solar_day (Earth).")] = "day",
+    dtype: Annotated[str | None, typer.Option(help="Image dtype; default: the assets'.")] = None,
+    engine: Annotated[str, typer.Option(help="Loader: odc (any CRS) or stackstac (EPSG).")] = "odc",
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Label asset key, or a crater catalog / polygon file."),
+    ] = None,
+    label_field: Annotated[str, typer.Option(help="Class column of a polygon file.")] = "class",
+    fill_missing: Annotated[
+        bool, typer.Option(help="Fill items whose assets cannot be read with nodata.")
+    ] = False,
+    cluster: ClusterOpt = "local",
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Ingest STAC items into a tiled zarr datacube (resumes and appends)."""
+    from planetseg.cluster import dask_client
+    from planetseg.config import IngestConfig, SearchConfig
+    from planetseg.ingest import ingest as run_ingest
+    from planetseg.search import search as run_search
+
+    found = run_search(
+        SearchConfig(
+            catalog=source, collections=tuple(collection or ()), bbox=bbox, datetime=datetime
+        )
+    )
+    config = IngestConfig(
+        out=str(out_path),
+        bbox=bbox,
+        crs=crs,
+        resolution=resolution,
+        tile=tile,
+        bands=tuple(b for b in (bands or "").split(",") if b),
+        groupby=groupby,  # type: ignore[arg-type]
+        dtype=dtype,
+        engine=engine,
+        labels=labels,
+        label_field=label_field,  # type: ignore[arg-type]
+        fill_missing=fill_missing,
+    )
+    with (
+        _progress("tiles") as update,
+        dask_client(
+            _cluster_options(cluster, workers, threads),
+            on_dashboard=lambda url: out.print(f"Dask dashboard: {url}"),
+        ) as client,
+    ):
+        result = run_ingest(
+            found.items, config, client=client, progress=update, provenance=found.provenance()
+        )
+    plan = result.plan
+    out.print(
+        f"{result.store}: image{('time', 'band', 'y', 'x')} = "
+        f"({len(plan.times)}, {len(plan.bands)}, {plan.shape[0]}, {plan.shape[1]}) "
+        f"{plan.dtype} on the {plan.body}; {result.written} tiles written, "
+        f"{result.skipped} already there"
+        + (f"; appended {', '.join(result.appended)}" if result.appended else "")
+    )
+
+
+@contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        f"[bold]{what}[/bold]",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 # --------------------------------------------------------------------------- synth, demo

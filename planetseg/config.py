@@ -77,3 +77,25 @@ class IngestConfig:
     label_field: str = "class"
     fill_missing: bool = False
     batch_tiles: int = 64
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Which Dask cluster a stage computes on (see :mod:`planetseg.cluster`).
+
+    Attributes:
+        kind: ``none`` (threads in this process), ``local`` (LocalCluster) or a scheduler
+            address such as ``tcp://10.0.0.5:8786``.
+        workers: Worker processes of a local cluster; None lets Dask choose.
+        threads: Threads per worker; None lets Dask choose.
+        host: Interface the scheduler and dashboard bind to.
+        dashboard_port: Dashboard port; 0 picks a free one.
+        connect_timeout: Seconds to wait for a remote scheduler.
+    """
+
+    kind: str = "local"
+    workers: int | None = None
+    threads: int | None = None
+    host: str = "127.0.0.1"
+    dashboard_port: int = 0
+    connect_timeout: float = 10.0

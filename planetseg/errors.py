@@ -50,6 +50,10 @@ class StoreMismatchError(PlanetsegError, FileExistsError):
     """An output store exists but holds something else than this run would write."""
 
 
+class ClusterUnavailableError(PlanetsegError, ConnectionError):
+    """A Dask scheduler address does not answer."""
+
+
 class CRSError(PlanetsegError, ValueError):
     """A CRS is missing, unknown, or belongs to another body than expected."""
 
