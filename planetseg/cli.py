@@ -254,13 +254,17 @@ def ingest(
         result = run_ingest(
             found.items, config, client=client, progress=update, provenance=found.provenance()
         )
+    _print_ingest(result)
+
+
+def _print_ingest(result: Any) -> None:
     plan = result.plan
+    shape = f"({len(plan.times)}, {len(plan.bands)}, {plan.shape[0]}, {plan.shape[1]})"
+    labels = " + labels" if plan.label_asset or plan.label_source else ""
     out.print(
-        f"{result.store}: image{('time', 'band', 'y', 'x')} = "
-        f"({len(plan.times)}, {len(plan.bands)}, {plan.shape[0]}, {plan.shape[1]}) "
-        f"{plan.dtype} on the {plan.body}; {result.written} tiles written, "
-        f"{result.skipped} already there"
-        + (f"; appended {', '.join(result.appended)}" if result.appended else "")
+        f"[bold]ingest[/bold] {result.store}: image(time, band, y, x) = {shape} {plan.dtype}"
+        f"{labels} on the {plan.body}; tiles: {result.written} written, {result.skipped} "
+        "kept" + (f"; appended {', '.join(result.appended)}" if result.appended else "")
     )
 
 
@@ -324,15 +328,30 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
     size: Annotated[int, typer.Option(help="Scene size in pixels.")] = 1024,
+    cluster: ClusterOpt = "local",
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the main job offline on the embedded synthetic world."""
+    from planetseg.cluster import dask_client
     from planetseg.demo import run_demo
 
-    result = run_demo(out_dir, seed=seed, size=size)
-    out.print(f"[bold]synth[/bold]  {result.world.body} world -> {result.world.root}")
-    out.print(f"[bold]search[/bold] local catalog {result.world.root}:")
+    with (
+        _progress("ingest") as update,
+        dask_client(
+            _cluster_options(cluster, workers, threads),
+            on_dashboard=lambda url: out.print(f"Dask dashboard: {url}"),
+        ) as client,
+    ):
+        result = run_demo(out_dir, seed=seed, size=size, client=client, progress=update)
+    world, cube = result.world, result.cube
+    out.print(
+        f"[bold]synth[/bold]  {world.body} world, {len(world.item_ids)} epochs -> {world.root}"
+    )
+    out.print(f"[bold]search[/bold] local catalog {world.root}:")
     _print_items(result.found.items)
-    out.print(f"{len(result.found.items)} items -> {result.items}")
+    out.print(f"        {len(result.found.items)} items -> {result.items}")
+    _print_ingest(cube)
 
 
 # --------------------------------------------------------------------------- entry point
