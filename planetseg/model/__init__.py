@@ -1,0 +1,16 @@
+"""The DSRL multi-task network, its losses, and the exported segmentation model."""
+
+from __future__ import annotations
+
+from planetseg.model.losses import LossWeights, dsrl_loss, feature_affinity_loss
+from planetseg.model.network import DSRLNet, DSRLOutput, NetConfig, SegmentationNet
+
+__all__ = [
+    "DSRLNet",
+    "DSRLOutput",
+    "LossWeights",
+    "NetConfig",
+    "SegmentationNet",
+    "dsrl_loss",
+    "feature_affinity_loss",
+]

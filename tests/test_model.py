@@ -1,0 +1,113 @@
+"""The DSRL network and its losses, checked against direct definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from planetseg.errors import InvalidArgumentError
+from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss, feature_affinity_loss
+
+TINY = NetConfig(in_bands=1, num_classes=4, scale=2, width=8, depth=2, head_channels=8)
+
+
+def reference_fa(seg: torch.Tensor, sr: torch.Tensor, subsample: int) -> float:
+    """The paper's FA loss written out pixel pair by pixel pair, image by image."""
+    pool = torch.nn.functional.avg_pool2d
+    seg, sr = pool(seg, subsample, ceil_mode=True), pool(sr, subsample, ceil_mode=True)
+    total = 0.0
+    for b in range(seg.shape[0]):
+        fs = seg[b].flatten(1)  # (C, N)
+        fr = sr[b].flatten(1)
+        n = fs.shape[1]
+        acc = 0.0
+        for i in range(n):
+            for j in range(n):
+                s_ij = float(fs[:, i] @ fs[:, j]) / (
+                    float(fs[:, i].norm()) * float(fs[:, j].norm())
+                )
+                r_ij = float(fr[:, i] @ fr[:, j]) / (
+                    float(fr[:, i].norm()) * float(fr[:, j].norm())
+                )
+                acc += abs(s_ij - r_ij)
+        total += acc / n**2
+    return total / seg.shape[0]
+
+
+@pytest.mark.parametrize("subsample", [1, 2, 4])
+def test_fa_loss_matches_the_pairwise_definition(subsample: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    seg = torch.randn(3, 5, 8, 8, generator=gen, dtype=torch.float64)
+    sr = torch.randn(3, 5, 8, 8, generator=gen, dtype=torch.float64)
+    got = float(feature_affinity_loss(seg, sr, subsample=subsample))
+    assert got == pytest.approx(reference_fa(seg, sr, subsample), rel=1e-9)
+
+
+def test_fa_loss_does_not_grow_with_batch_size() -> None:
+    gen = torch.Generator().manual_seed(1)
+    seg = torch.randn(1, 4, 16, 16, generator=gen)
+    sr = torch.randn(1, 4, 16, 16, generator=gen)
+    one = feature_affinity_loss(seg, sr, subsample=2)
+    eight = feature_affinity_loss(seg.repeat(8, 1, 1, 1), sr.repeat(8, 1, 1, 1), subsample=2)
+    assert float(eight) == pytest.approx(float(one), rel=1e-6)
+    other_seg, other_sr = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    pair = feature_affinity_loss(
+        torch.cat([seg, other_seg]), torch.cat([sr, other_sr]), subsample=2
+    )
+    alone = feature_affinity_loss(other_seg, other_sr, subsample=2)
+    assert float(pair) == pytest.approx((float(one) + float(alone)) / 2, rel=1e-6)
+
+
+def test_fa_loss_is_zero_for_identical_and_bounded() -> None:
+    f = torch.randn(2, 4, 8, 8)
+    assert float(feature_affinity_loss(f, f.clone(), subsample=1)) == pytest.approx(0, abs=1e-6)
+    assert 0 <= float(feature_affinity_loss(f, -f, subsample=1)) <= 2
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_output_shapes_follow_scale(scale: int) -> None:
+    config = NetConfig(in_bands=3, num_classes=5, scale=scale, width=8, depth=3, head_channels=8)
+    out = DSRLNet(config)(torch.randn(2, 3, 16, 16))
+    assert out.logits.shape == (2, 5, 16 * scale, 16 * scale)
+    assert out.sr.shape == (2, 3, 16 * scale, 16 * scale)
+    assert out.seg_features.shape == out.sr_features.shape
+
+
+def test_detached_model_has_no_sr_parameters_and_same_output() -> None:
+    torch.manual_seed(0)
+    net = DSRLNet(TINY)
+    # train a step so BatchNorm statistics and weights are not at their initial values
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 4, (2, 32, 32))
+    dsrl_loss(net(x), y, torch.randn(2, 1, 32, 32), LossWeights())["loss"].backward()
+    opt.step()
+    net.eval()
+    seg = net.detach()
+    names = set(seg.state_dict())
+    assert not any(n.startswith(("sr_", "feature_transform")) for n in names)
+    assert len(names) < len(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(seg(x), net(x).logits)
+
+
+def test_loss_components_and_baseline() -> None:
+    x, y, hr = (
+        torch.randn(2, 1, 16, 16),
+        torch.randint(0, 4, (2, 32, 32)),
+        torch.randn(2, 1, 32, 32),
+    )
+    full = dsrl_loss(DSRLNet(TINY)(x), y, hr, LossWeights(sr=0.1, fa=1.0, fa_subsample=4))
+    assert set(full) == {"loss", "ce", "mse", "fa"}
+    expected = full["ce"] + 0.1 * full["mse"] + 1.0 * full["fa"]
+    assert math.isclose(float(full["loss"]), float(expected), rel_tol=1e-6)
+    base = dsrl_loss(DSRLNet(TINY, with_sr=False)(x), y, hr, LossWeights())
+    assert set(base) == {"loss", "ce"}
+
+
+def test_bad_config() -> None:
+    with pytest.raises(InvalidArgumentError, match="scale"):
+        NetConfig(in_bands=1, num_classes=4, scale=3)
+    with pytest.raises(InvalidArgumentError, match="two classes"):
+        NetConfig(in_bands=1, num_classes=1)
