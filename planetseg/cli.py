@@ -288,6 +288,96 @@ def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+# --------------------------------------------------------------------------- train, evaluate
+
+
+@app.command()
+def train(
+    cube: Annotated[Path, typer.Argument(help="A complete cube with labels.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
+    scale: Annotated[int, typer.Option(help="Output/input resolution ratio: 2 or 4.")] = 2,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Windows per step, all processes.")] = 8,
+    crop: Annotated[int, typer.Option(help="HR window size in pixels.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    no_sr: Annotated[
+        bool, typer.Option("--no-sr", help="Segmentation-only baseline (no SR branch, no FA).")
+    ] = False,
+    w_sr: Annotated[float, typer.Option(help="Weight of the SR loss.")] = 0.1,
+    w_fa: Annotated[float, typer.Option(help="Weight of the feature-affinity loss.")] = 1.0,
+    width: Annotated[int, typer.Option(help="Channels of the first encoder level.")] = 16,
+    depth: Annotated[int, typer.Option(help="Encoder levels.")] = 3,
+    nproc: Annotated[int, typer.Option(help="DDP processes on this node.")] = 1,
+    threads: Annotated[int, typer.Option(help="Torch threads per process.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of weights, windows and noise.")] = 0,
+    val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 100,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's checkpoint.")] = False,
+) -> None:
+    """Train the DSRL network on a cube (torch DDP) and export the segmentation model."""
+    from planetseg.config import TrainConfig
+    from planetseg.train import train as run_train
+
+    config = TrainConfig(
+        out=str(out_dir),
+        scale=scale,
+        steps=steps,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        no_sr=no_sr,
+        w_sr=w_sr,
+        w_fa=w_fa,
+        width=width,
+        depth=depth,
+        nproc=nproc,
+        threads=threads,
+        seed=seed,
+        val_every=val_every,
+        resume=resume,
+    )
+    model = run_train(cube, config)
+    from planetseg.export import load_model
+
+    _, card = load_model(model)
+    out.print(f"model -> {model} ({card['digest'][:19]}...)")
+    _print_scores(card["metrics"])
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Exported model directory.")],
+    cube: Annotated[Path, typer.Argument(help="A complete cube with labels.")],
+    region: Annotated[str, typer.Option(help="all, or val (the training hold-out).")] = "all",
+    out_path: Annotated[Path | None, typer.Option("--out", help="Write scores as JSON.")] = None,
+) -> None:
+    """Score a model on a labelled cube: per-class IoU, mIoU, accuracy, confusion matrix."""
+    from planetseg.evaluate import evaluate as run_evaluate
+    from planetseg.items import atomic_path
+
+    if region not in ("all", "val"):
+        raise InvalidArgumentError(f"--region {region!r}: use all or val")
+    result = run_evaluate(model, cube, region=region)  # type: ignore[arg-type]
+    if out_path is not None:
+        with atomic_path(out_path) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+    _print_scores(result)
+
+
+def _print_scores(result: dict[str, Any]) -> None:
+    table = Table(show_edge=False)
+    for col in ("class", "IoU", "pixels"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, v in result["per_class"].items():
+        iou = "-" if v["iou"] is None else f"{100 * v['iou']:.1f}"
+        table.add_row(name, iou, str(v["pixels"]))
+    out.print(table)
+    out.print(
+        f"mIoU {100 * result['miou']:.1f}   pixel accuracy {100 * result['pixel_accuracy']:.1f}"
+    )
+    if "confusion" in result:
+        out.print(f"confusion (rows: truth, columns: prediction): {result['confusion']}")
+
+
 # --------------------------------------------------------------------------- synth, demo
 
 

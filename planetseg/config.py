@@ -99,3 +99,56 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     dashboard_port: int = 0
     connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train the DSRL network (defaults: the paper's loss weights, a small model).
+
+    Attributes:
+        out: Run directory (checkpoint, metrics.jsonl, exported model).
+        scale: Output/input resolution ratio, 2 or 4.
+        steps: Optimiser steps.
+        batch_size: Windows per step, over all processes.
+        crop: HR window size in pixels (a multiple of ``scale * 2**(depth-1)``).
+        lr: Peak learning rate (AdamW, linear warm-up, cosine decay).
+        no_sr: Train the segmentation-only baseline (no SR branch, no FA loss).
+        w_sr: Weight of the SR MSE loss.
+        w_fa: Weight of the feature-affinity loss.
+        fa_subsample: Average-pooling factor before the affinity matrices (paper: 8).
+        width: Channels of the first encoder level.
+        depth: Encoder levels.
+        head_channels: Channels of the decoders' HR features.
+        psf_sigma: Degradation PSF sigma in LR pixels.
+        noise: Degradation noise (normalised units).
+        val_fraction: Share of columns held out for validation.
+        val_every: Steps between validations.
+        checkpoint_every: Steps between checkpoints.
+        nproc: Processes (DDP ranks) on this node.
+        threads: Torch threads per process.
+        seed: Seed of weights, windows and noise.
+        resume: Continue from the run directory's checkpoint.
+    """
+
+    out: str
+    scale: int = 2
+    steps: int = 300
+    batch_size: int = 8
+    crop: int = 128
+    lr: float = 2e-3
+    no_sr: bool = False
+    w_sr: float = 0.1
+    w_fa: float = 1.0
+    fa_subsample: int = 8
+    width: int = 16
+    depth: int = 3
+    head_channels: int = 16
+    psf_sigma: float = 0.5
+    noise: float = 0.0
+    val_fraction: float = 0.25
+    val_every: int = 100
+    checkpoint_every: int = 50
+    nproc: int = 1
+    threads: int = 1
+    seed: int = 0
+    resume: bool = False

@@ -54,6 +54,10 @@ class ClusterUnavailableError(PlanetsegError, ConnectionError):
     """A Dask scheduler address does not answer."""
 
 
+class CheckpointError(PlanetsegError, OSError):
+    """A checkpoint or exported model is missing, damaged, or does not fit the data."""
+
+
 class CRSError(PlanetsegError, ValueError):
     """A CRS is missing, unknown, or belongs to another body than expected."""
 

@@ -1,0 +1,208 @@
+"""Training pairs from a datacube: HR windows, their degraded LR input, a spatial split.
+
+The degradation that makes the LR input is documented and fixed, so that a model trained here
+meets the same kind of input at inference:
+
+1. blur with a Gaussian point-spread function of ``psf_sigma * scale`` HR pixels (default
+   ``0.5 * scale``, roughly a sensor whose PSF spans its own pixel),
+2. downsample by ``scale`` with a box filter (pixel averaging, as a coarser detector does),
+3. add Gaussian noise of ``noise`` standard deviations of the normalised image (default 0).
+
+Validation is a **spatial** hold-out, not random pixels: the last ``val_fraction`` of the
+columns (a strip along ``x``) in every time step, so no training window overlaps it.
+
+Batches are a pure function of ``(seed, step, rank)``, which is what makes resumed and
+distributed training reproducible without saving sampler state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from planetseg.errors import CatalogReadError, InvalidArgumentError, StoreMismatchError
+
+MAX_IN_MEMORY = 4 * 2**30  # bytes of HR image held for sampling
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """How HR imagery becomes the LR input.
+
+    Attributes:
+        scale: Downsampling factor.
+        psf_sigma: Gaussian PSF sigma in LR pixels (``psf_sigma * scale`` HR pixels).
+        noise: Noise standard deviation, in units of the normalised image.
+    """
+
+    scale: int = 2
+    psf_sigma: float = 0.5
+    noise: float = 0.0
+
+    def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, C, H, W) normalised HR -> (B, C, H / scale, W / scale) LR."""
+        sigma = self.psf_sigma * self.scale
+        radius = max(1, math.ceil(3 * sigma))
+        t = torch.arange(-radius, radius + 1, dtype=hr.dtype, device=hr.device)
+        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        c = hr.shape[1]
+        x = F.pad(hr, (radius, radius, radius, radius), mode="reflect")
+        x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        lr = F.avg_pool2d(x, self.scale)
+        if self.noise > 0:
+            lr = lr + self.noise * torch.randn(lr.shape, generator=generator, dtype=lr.dtype)
+        return lr
+
+
+@dataclass
+class CubeData:
+    """A cube's HR image and labels in memory, with what the model card needs.
+
+    Attributes:
+        image: (time, band, y, x) float32, raw values.
+        labels: (time, y, x) int64.
+        bands: Band names.
+        classes: Label value -> class name.
+        resolution: Pixel size of the cube in CRS units.
+        body: Body of the cube.
+        store: Path of the cube.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    bands: list[str]
+    classes: dict[int, str]
+    resolution: float
+    body: str
+    store: str
+
+    @property
+    def num_classes(self) -> int:
+        """1 + the largest class value (values are used as indices)."""
+        return max([*self.classes, int(self.labels.max())]) + 1
+
+    def band_stats(self, columns: slice) -> tuple[list[float], list[float]]:
+        """Per-band mean and standard deviation over ``columns`` of every time step."""
+        sub = self.image[..., columns]
+        mean = sub.mean(axis=(0, 2, 3))
+        std = sub.std(axis=(0, 2, 3))
+        return mean.tolist(), np.maximum(std, 1e-6).tolist()
+
+
+def open_cube(path: str | Path) -> CubeData:
+    """Read a complete cube with labels into memory for training or evaluation.
+
+    Raises:
+        CatalogReadError: not a readable cube.
+        StoreMismatchError: the cube is unfinished.
+        InvalidArgumentError: it has no labels, or is too large to hold in memory.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    try:
+        ds = xr.open_zarr(path, consolidated=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CatalogReadError(f"cannot open cube {path}: {str(exc).splitlines()[0]}") from exc
+    if "image" not in ds:
+        raise CatalogReadError(f"{path} is not a planetseg cube (no image variable)")
+    if not ds.attrs.get("planetseg:complete"):
+        raise StoreMismatchError(f"cube {path} is unfinished: re-run its ingest to complete it")
+    if "labels" not in ds:
+        raise InvalidArgumentError(
+            f"cube {path} has no labels: ingest it with --labels (a label asset or a crater "
+            "catalog) to train on it"
+        )
+    nbytes = ds["image"].size * 4
+    if nbytes > MAX_IN_MEMORY:
+        raise InvalidArgumentError(
+            f"cube {path} holds {nbytes / 2**30:.1f} GiB of imagery, more than training reads "
+            "into memory: ingest a smaller --bbox for training"
+        )
+    image = ds["image"].values.astype(np.float32)
+    labels = ds["labels"].values.astype(np.int64)
+    if labels.ndim == 2:
+        labels = np.broadcast_to(labels, (image.shape[0], *labels.shape))
+    x = ds["x"].values
+    classes = {int(k): v for k, v in json.loads(ds.attrs.get("planetseg:classes") or "{}").items()}
+    if not classes:
+        classes = {int(v): f"class {v}" for v in np.unique(labels)}
+    return CubeData(
+        image=image,
+        labels=np.ascontiguousarray(labels),
+        bands=[str(b) for b in ds["band"].values],
+        classes=classes,
+        resolution=float(abs(x[1] - x[0])) if len(x) > 1 else 1.0,
+        body=str(ds.attrs.get("planetseg:body", "")),
+        store=str(path.resolve()),
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """Column ranges of the spatial split (HR pixels).
+
+    Attributes:
+        train: Columns training windows are drawn from.
+        val: Columns held out for validation.
+    """
+
+    train: slice
+    val: slice
+
+
+def spatial_split(width: int, val_fraction: float, *, multiple: int) -> Split:
+    """Hold out the last ``val_fraction`` of the columns (rounded to ``multiple``)."""
+    if not 0 < val_fraction < 1:
+        raise InvalidArgumentError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = int(round(width * (1 - val_fraction) / multiple)) * multiple
+    if cut < multiple or width - cut < multiple:
+        raise InvalidArgumentError(
+            f"the cube is {width} px wide: too narrow to split into training and validation "
+            f"strips of at least {multiple} px"
+        )
+    return Split(slice(0, cut), slice(cut, width))
+
+
+class WindowSampler:
+    """Random HR windows from the training strip; batch = f(seed, step, rank) only."""
+
+    def __init__(self, data: CubeData, split: Split, *, crop: int, seed: int) -> None:
+        _, _, height, _ = data.image.shape
+        width = split.train.stop - split.train.start
+        if crop > height or crop > width:
+            raise InvalidArgumentError(
+                f"crop {crop} px does not fit the training strip ({height} x {width} px): "
+                "lower --crop"
+            )
+        self.data, self.split, self.crop, self.seed = data, split, crop, seed
+
+    def batch(self, step: int, rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """HR images (size, bands, crop, crop) float32 and labels (size, crop, crop) int64."""
+        rng = np.random.default_rng([self.seed, step, rank])
+        n_t, _, height, _ = self.data.image.shape
+        c = self.crop
+        t = rng.integers(0, n_t, size)
+        y = rng.integers(0, height - c + 1, size)
+        x = rng.integers(self.split.train.start, self.split.train.stop - c + 1, size)
+        flips = rng.integers(0, 8, size)  # the dihedral group: any rotation/reflection
+        images, labels = [], []
+        for ti, yi, xi, f in zip(t, y, x, flips, strict=True):
+            img = self.data.image[ti, :, yi : yi + c, xi : xi + c]
+            lab = self.data.labels[ti, yi : yi + c, xi : xi + c]
+            images.append(_dihedral(img, f))
+            labels.append(_dihedral(lab, f))
+        return np.stack(images), np.stack(labels)
+
+
+def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    a = np.rot90(a, k % 4, axes=(-2, -1))
+    return np.ascontiguousarray(a[..., ::-1] if k >= 4 else a)
