@@ -120,7 +120,7 @@ def _worker(rank: int, world: int, cube: str, config: TrainConfig, port: int | N
         init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
-        _train_loop(rank, world, open_cube(cube), config, device)
+        train_loop(rank, world, open_cube(cube), config, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -139,10 +139,16 @@ def _build(data: CubeData, config: TrainConfig) -> tuple[DSRLNet, NetConfig]:
     return DSRLNet(net_config, with_sr=not config.no_sr), net_config
 
 
-def _train_loop(
+def train_loop(
     rank: int, world: int, data: CubeData, config: TrainConfig, device: torch.device
-) -> None:
+) -> DSRLNet:
+    """The loop each rank runs (the process group, if any, is already initialised).
+
+    Returns:
+        The trained network (identical on every rank: DDP keeps them in step).
+    """
     run = Path(config.out)
+    run.mkdir(parents=True, exist_ok=True)
     model, net_config = _build(data, config)
     split = spatial_split(data.image.shape[-1], config.val_fraction, multiple=config.crop)
     mean, std = data.band_stats(split.train)
@@ -173,6 +179,8 @@ def _train_loop(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+        if rank == 0:
+            _truncate_metrics(run / METRICS, start)
     sampler = WindowSampler(data, split, crop=config.crop, seed=config.seed)
     degrade = Degradation(config.scale, config.psf_sigma, config.noise)
     weights = LossWeights(config.w_sr, config.w_fa, config.fa_subsample)
@@ -225,6 +233,7 @@ def _train_loop(
             train_config=config,
             metrics=final,
         )
+    return model
 
 
 def _save_checkpoint(path: Path, model: DSRLNet, optimizer: Any, scheduler: Any, step: int) -> None:
@@ -264,3 +273,11 @@ def validate(
         cm += confusion_matrix(data.labels[t, :h, split.val][:, :w], pred[0].numpy(), n)
     model.to(device)
     return scores(cm, data.classes)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the checkpoint a resumed run restarts from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,174 @@
+"""Training: DDP really synchronises, resume is exact, the export is safe and detached."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from planetseg.config import IngestConfig, TrainConfig
+from planetseg.errors import CheckpointError, InvalidArgumentError
+from planetseg.export import WEIGHTS, load_model
+from planetseg.ingest import ingest
+from planetseg.synthetic import SynthConfig, synthesize
+from planetseg.train import train
+from tests.test_cli import assert_one_line_error, planetseg
+
+TINY = dict(width=8, depth=2, crop=32, batch_size=4, val_every=1000, checkpoint_every=1000)
+
+
+@pytest.fixture(scope="module")
+def small_cube(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    world = synthesize(root / "world", config=SynthConfig(size=256, seed=3))
+    ingest(world.items, IngestConfig(out=str(root / "cube.zarr"), labels="labels", tile=128))
+    return root / "cube.zarr"
+
+
+def _rank_main(rank: int, port: int, cube: str, out: str, world: int) -> None:
+    """One rank of a real gloo group, running planetseg's own training loop."""
+    import torch.distributed as dist
+
+    from planetseg.data import open_cube
+    from planetseg.train import train_loop
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    config = TrainConfig(out=f"{out}/run{world}", steps=1, **TINY)
+    model = train_loop(rank, world, open_cube(cube), config, torch.device("cpu"))
+    torch.save(model.state_dict(), f"{out}/world{world}-rank{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_ddp_synchronises_gradients(small_cube: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from planetseg.train import _free_port
+
+    mp.spawn(_rank_main, args=(_free_port(), str(small_cube), str(tmp_path), 2), nprocs=2)
+    _rank_main(0, 0, str(small_cube), str(tmp_path), 1)  # rank 0's batch alone, no sync
+    r0 = torch.load(tmp_path / "world2-rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "world2-rank1.pt", weights_only=True)
+    alone = torch.load(tmp_path / "world1-rank0.pt", weights_only=True)
+    weights = [k for k in r0 if k.endswith("weight")]
+    assert all(torch.equal(r0[k], r1[k]) for k in weights)
+    # and the step really used rank 1's gradients: rank 0 alone ends elsewhere
+    assert any(not torch.equal(r0[k], alone[k]) for k in weights)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_learn_like_one(small_cube: Path, tmp_path: Path) -> None:
+    curves = {}
+    for n in (1, 2):
+        train(small_cube, TrainConfig(out=str(tmp_path / f"n{n}"), steps=40, nproc=n, **TINY))
+        curves[n] = _losses(tmp_path / f"n{n}")
+    for losses in curves.values():
+        assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+    end1, end2 = sum(curves[1][-8:]) / 8, sum(curves[2][-8:]) / 8
+    assert abs(end1 - end2) / end1 < 0.3
+
+
+def test_kill_and_resume_equals_uninterrupted(small_cube: Path, tmp_path: Path) -> None:
+    args = ["train", str(small_cube), "--steps", "200", "--width", "8", "--depth", "2",
+            "--crop", "32", "--batch-size", "4", "--val-every", "1000",
+            "--checkpoint-every", "4"]
+    clean = planetseg(*args, "--out", str(tmp_path / "clean"), timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "planetseg.cli", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ckpt = run / "checkpoint.pt"
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 8:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 8 <= step < 200, "the kill must land mid-run"
+    assert not (run / "model").exists()
+    resumed = planetseg(*args, "--out", str(run), "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = (tmp_path / "clean" / "model" / WEIGHTS).read_bytes()
+    b = (run / "model" / WEIGHTS).read_bytes()
+    assert a == b
+    assert _losses(run) == _losses(tmp_path / "clean")
+
+
+def test_export_is_detached_and_loads_without_pickle(small_cube: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model_dir = train(small_cube, TrainConfig(out=str(tmp_path / "run"), steps=2, **TINY))
+    tensors = load_file(str(model_dir / WEIGHTS))
+    assert not any(k.startswith(("sr_", "feature_transform")) for k in tensors)
+    net, card = load_model(model_dir)
+    assert card["bands"] == ["image"] and card["scale"] == 2
+    assert card["digest"].startswith("sha256:")
+    assert set(card["normalisation"]) == {"mean", "std"}
+    assert card["classes"]["2"] == "fresh_crater"
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert net(x).shape == (1, card["net"]["num_classes"], 64, 64)
+    # the checkpoint, too, loads with weights_only=True (no code execution)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+
+
+def test_evaluate_reports_per_class_scores(small_cube: Path, tmp_path: Path) -> None:
+    model_dir = train(small_cube, TrainConfig(out=str(tmp_path / "run"), steps=2, **TINY))
+    out = tmp_path / "scores.json"
+    proc = planetseg("evaluate", str(model_dir), str(small_cube), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(out.read_text())
+    assert set(scores["per_class"]) == {"plains", "highlands", "fresh_crater", "degraded_crater"}
+    assert 0 <= scores["miou"] <= 1
+    cm = scores["confusion"]
+    assert sum(map(sum, cm)) == 3 * 256 * 256  # every HR pixel of every epoch, once
+    assert "mIoU" in proc.stdout
+
+
+def test_bad_training_input(small_cube: Path, tmp_path: Path) -> None:
+    nolabels = tmp_path / "nolabels.zarr"
+    world = synthesize(tmp_path / "w", config=SynthConfig(size=128))
+    ingest(world.items, IngestConfig(out=str(nolabels), tile=64))
+    assert_one_line_error(planetseg("train", str(nolabels), "--out", str(tmp_path / "a")),
+                          "no labels", "--labels")
+    assert_one_line_error(
+        planetseg("train", str(small_cube), "--out", str(tmp_path / "b"), "--crop", "36"),
+        "--crop 36",
+    )
+    run = tmp_path / "c"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(
+        planetseg("train", str(small_cube), "--out", str(run), "--resume"), "unreadable"
+    )
+    with pytest.raises(InvalidArgumentError, match="batch-size"):
+        train(small_cube, TrainConfig(out=str(tmp_path / "d"), nproc=3, batch_size=4))
+
+
+def test_band_mismatch_between_model_and_cube(small_cube: Path, tmp_path: Path) -> None:
+    model_dir = train(small_cube, TrainConfig(out=str(tmp_path / "run"), steps=1, **TINY))
+    world = synthesize(tmp_path / "w", config=SynthConfig(size=128))
+    two_bands = tmp_path / "two.zarr"
+    ingest(world.items, IngestConfig(out=str(two_bands), bands=("image", "labels"),
+                                     labels="labels", tile=64))
+    assert_one_line_error(planetseg("evaluate", str(model_dir), str(two_bands)),
+                          "bands", "--bands")
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path)
