@@ -311,6 +311,7 @@ def train(
     threads: Annotated[int, typer.Option(help="Torch threads per process.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of weights, windows and noise.")] = 0,
     val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
     resume: Annotated[bool, typer.Option(help="Continue from the run's checkpoint.")] = False,
 ) -> None:
     """Train the DSRL network on a cube (torch DDP) and export the segmentation model."""
@@ -333,6 +334,7 @@ def train(
         threads=threads,
         seed=seed,
         val_every=val_every,
+        checkpoint_every=checkpoint_every,
         resume=resume,
     )
     model = run_train(cube, config)
