@@ -13,6 +13,10 @@ Store layout (zarr v3, written through xarray, readable by rioxarray)::
     spatial_ref               CF grid mapping: the CRS as WKT2 (IAU CRSs included)
     x, y                      pixel centres; time: one step per acquisition group
 
+Grid: the items' own pixel grid (extended or cut to ``bbox``) when the cube keeps their CRS
+and resolution, so pixels are copied, not resampled; otherwise pixel edges on multiples of
+the resolution.
+
 Resumable: every tile written leaves a marker in ``<store>.progress/`` *after* its chunks; a
 re-run writes only tiles without a marker, and the folder goes once the store is complete.
 ``attrs["planetseg:complete"]`` becomes true only once every tile is written, so an
@@ -261,6 +265,11 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
         raise InvalidArgumentError(f"--tile {config.tile}: use a multiple of 16, at least 16")
     label_asset = config.labels if config.labels and not _is_file(config.labels) else None
     label_source = config.labels if config.labels and _is_file(config.labels) else None
+    if label_source and not Path(label_source).is_file():
+        raise CatalogReadError(
+            f"--labels {label_source}: no such file (give a crater catalog, a polygon file or "
+            "the key of a label asset)"
+        )
     first = items[0]
     asset_keys = list(config.bands) or _default_bands(first, label_asset)
     if not asset_keys:
@@ -292,7 +301,9 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
             "cannot tell the items' native resolution in the cube's CRS: give --resolution"
         )
     bounds = _extent(items, crss, asset_keys[0], target, config.bbox)
-    transform, shape = _snap(bounds, resolution)
+    transform, shape = _snap(
+        bounds, resolution, _native_anchor(items, crss, asset_keys[0], target, resolution)
+    )
     groups: dict[str, list[Item]] = {}
     for item in sorted(items, key=lambda it: (it["properties"].get("datetime") or "", it["id"])):
         groups.setdefault(_group_key(item, config.groupby, body.name), []).append(item)
@@ -422,14 +433,44 @@ def _lonlat_union(items: Sequence[Item]) -> str:
     )
 
 
-def _snap(
-    bounds: tuple[float, float, float, float], res: float
-) -> tuple[tuple[float, float, float, float, float, float], tuple[int, int]]:
-    """Grid whose pixel edges sit on multiples of the resolution, so epochs align."""
-    left, bottom, right, top = bounds
+def _native_anchor(
+    items: Sequence[Item], crss: list[str], asset: str, target: Any, res: float
+) -> tuple[float, float]:
+    """A pixel corner of the items' own grid, when the cube keeps their CRS and resolution.
+
+    Snapping to it keeps the cube on the native pixel grid (no sub-pixel shift, reads without
+    resampling) also when the native origin is not a multiple of the pixel size. The earliest
+    item decides, so re-runs and appends of the same acquisitions get the same grid.
+    """
     eps = 1e-9 * max(1.0, abs(res))
-    x0 = math.floor(left / res + eps) * res
-    y0 = math.ceil(top / res - eps) * res
+    ordered = sorted(
+        zip(items, crss, strict=True),
+        key=lambda p: (p[0]["properties"].get("datetime") or "", p[0]["id"]),
+    )
+    for item, crs in ordered:
+        grid = _item_grid(item, asset)
+        if grid is None or parse_crs(crs) != target:
+            continue
+        (a, _, c, _, e, f), _shape = grid
+        if abs(abs(a) - res) > eps or abs(abs(e) - res) > eps:
+            continue
+        # Origins on multiples of the pixel size need no anchor (and keep exact arithmetic).
+        on_multiple = [abs(v / res - round(v / res)) < 1e-6 for v in (c, f)]
+        return (0.0 if on_multiple[0] else c, 0.0 if on_multiple[1] else f)
+    return (0.0, 0.0)
+
+
+def _snap(
+    bounds: tuple[float, float, float, float],
+    res: float,
+    anchor: tuple[float, float] = (0.0, 0.0),
+) -> tuple[tuple[float, float, float, float, float, float], tuple[int, int]]:
+    """Grid whose pixel edges sit on ``anchor`` + multiples of the resolution, so epochs align."""
+    left, bottom, right, top = bounds
+    ax, ay = anchor
+    eps = 1e-9 * max(1.0, abs(res))
+    x0 = ax + math.floor((left - ax) / res + eps) * res
+    y0 = ay + math.ceil((top - ay) / res - eps) * res
     width = max(1, math.ceil((right - x0) / res - eps))
     height = max(1, math.ceil((y0 - bottom) / res - eps))
     return (res, 0.0, x0, 0.0, -res, y0), (height, width)
@@ -725,6 +766,7 @@ def ingest(
     loader = get_loader(config.engine)
     items = load_items(items)
     plan = plan_ingest(items, config)
+    loader.check(plan)
     by_id = {it["id"]: it for it in items}
     store = Path(config.out)
     state = read_state(store)
@@ -749,7 +791,7 @@ def ingest(
         check_assets([by_id[i] for s in new_times for i in s.item_ids], plan) if new_times else []
     )
     if not state.exists:
-        _create_store(store, plan, config, provenance)
+        _create_store(store, plan, config, provenance, by_id)
     elif new_times:
         _append_times(store, plan, new_times)
     progress_dir(store).mkdir(exist_ok=True)
@@ -799,10 +841,14 @@ def _attr(store: Path, name: str) -> Any:
 
 
 def _create_store(
-    store: Path, plan: CubePlan, config: IngestConfig, provenance: dict[str, Any] | None
+    store: Path,
+    plan: CubePlan,
+    config: IngestConfig,
+    provenance: dict[str, Any] | None,
+    items: dict[str, Item],
 ) -> None:
     ds = _template(plan, plan.times, static_labels=bool(plan.label_source))
-    ds.attrs.update(_store_attrs(plan, config, provenance))
+    ds.attrs.update(_store_attrs(plan, config, provenance, items))
     try:
         ds.to_zarr(
             str(store),
@@ -841,7 +887,10 @@ def _append_times(store: Path, plan: CubePlan, new_times: Sequence[TimeStep]) ->
 
 
 def _store_attrs(
-    plan: CubePlan, config: IngestConfig, provenance: dict[str, Any] | None
+    plan: CubePlan,
+    config: IngestConfig,
+    provenance: dict[str, Any] | None,
+    items: dict[str, Item],
 ) -> dict[str, Any]:
     return {
         "planetseg:complete": False,
@@ -854,17 +903,40 @@ def _store_attrs(
         "planetseg:engine": config.engine,
         "planetseg:config": json.dumps(asdict(config), default=str),
         "planetseg:provenance": json.dumps(provenance or {}, default=str),
-        "planetseg:classes": json.dumps(_classes(plan)),
+        "planetseg:classes": json.dumps(_classes(plan, items)),
     }
 
 
-def _classes(plan: CubePlan) -> dict[str, str]:
-    if plan.label_source and Path(plan.label_source).suffix.lower() in (".csv", ".parquet"):
-        from planetseg.labels import class_values, read_crater_catalog
+def _classes(plan: CubePlan, items: dict[str, Item]) -> dict[str, str]:
+    """Label value -> class name.
 
-        values = class_values(read_crater_catalog(plan.label_source).classes)
-        return {"0": "background", **{str(v): k for k, v in values.items()}}
-    return {}
+    A label asset's come from its STAC ``classification:classes`` (first item that has them);
+    a label file's are numbered as :func:`planetseg.labels.class_values` does, reading the file
+    now so that a bad file fails before anything is written.
+    """
+    if plan.label_asset:
+        for step in plan.times:
+            for item_id in step.item_ids:
+                asset = items[item_id]["assets"][plan.label_asset]
+                listed = asset.get("classification:classes") or []
+                named = {
+                    str(int(c["value"])): str(c.get("name") or c.get("description") or "")
+                    for c in listed
+                    if isinstance(c, dict) and "value" in c
+                }
+                if named:
+                    return named
+        return {}
+    if not plan.label_source:
+        return {}
+    from planetseg import labels as lab
+
+    if lab.is_crater_catalog(plan.label_source):
+        names = lab.read_crater_catalog(plan.label_source).classes
+    else:
+        names = lab.polygon_classes(plan.label_source, field=plan.label_field, crs=plan.crs_wkt)
+    values = lab.class_values(names)
+    return {"0": "background", **{str(v): k for k, v in values.items()}}
 
 
 def _execute(
@@ -883,10 +955,12 @@ def _execute(
     import dask
 
     catalog = None
-    if plan.label_source and Path(plan.label_source).suffix.lower() in (".csv", ".parquet"):
-        from planetseg.labels import read_crater_catalog
+    if plan.label_source:
+        from planetseg.labels import is_crater_catalog, read_crater_catalog
 
-        catalog = read_crater_catalog(plan.label_source)
+        if is_crater_catalog(plan.label_source):
+            # One graph key for the table, not a copy in every tile's task.
+            catalog = dask.delayed(read_crater_catalog(plan.label_source), pure=True)
     timed = sorted({k[0] for k in pending if k[0] is not None})
     cube = loader.load(items, plan) if timed else None
     image_blocks = cube["image"].data.to_delayed() if cube is not None else None

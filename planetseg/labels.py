@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,6 +117,12 @@ def rasterize_craters(
 ) -> np.ndarray:
     """Draw craters as filled discs by class on a grid.
 
+    A pixel belongs to a crater when the great-circle distance on the body's sphere from the
+    pixel centre to the crater centre is at most the radius: discs are round on the ground in
+    any projection and at any latitude, discs over a pole cover it, and on a global geographic
+    grid a crater crossing the antimeridian is drawn on both edges. A crater smaller than a
+    pixel still marks the pixel holding its centre.
+
     Args:
         catalog: Craters in body degrees and km.
         crs: The grid's CRS; must belong to the same body as the craters are assumed to be on.
@@ -130,35 +137,165 @@ def rasterize_craters(
     body = body_of_crs(crs)
     height, width = shape
     out = np.zeros(shape, np.uint8)
+    if not (height and width and len(catalog.table)):
+        return out
     table = catalog.table.sort_values("diameter_km", ascending=False, kind="stable")
     to_grid = Transformer.from_crs(body.crs, crs, always_xy=True)
-    lon, lat = table["lon"].to_numpy(), table["lat"].to_numpy()
-    x, y = to_grid.transform(lon, lat)
-    # Radius on the ground, then in grid units along x and y at the crater's latitude: exact
-    # for equirectangular and geographic grids, and a local approximation elsewhere.
-    radius_m = table["diameter_km"].to_numpy() * 500.0
-    east_x, _ = to_grid.transform(
-        lon + np.degrees(radius_m / body.radius_m) / np.maximum(np.cos(np.radians(lat)), 1e-6), lat
-    )
-    _, north_y = to_grid.transform(
-        lon, np.clip(lat + np.degrees(radius_m / body.radius_m), -90, 90)
-    )
-    rx = np.abs(np.asarray(east_x) - x) / abs(transform.a)
-    ry = np.abs(np.asarray(north_y) - y) / abs(transform.e)
+    to_body = Transformer.from_crs(crs, body.crs, always_xy=True)
     inv = ~transform
-    cols, rows = inv * (np.asarray(x), np.asarray(y))
+    # Body lon/lat of every pixel centre, once per grid.
+    cc, rr = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    px, py = transform * (cc, rr)
+    plon, plat = (np.radians(v) for v in to_body.transform(px, py, errcheck=False))
+    cos_plat = np.cos(plat)
+
+    lon = np.radians(table["lon"].to_numpy(float))
+    lat = np.radians(table["lat"].to_numpy(float))
+    delta = table["diameter_km"].to_numpy(float) * 500.0 / body.radius_m  # angular radius
     codes = table["class"].map(values).to_numpy()
-    for col, row, a, b, code in zip(cols, rows, rx, ry, codes, strict=True):
-        if not (math.isfinite(col) and math.isfinite(row)):
-            continue
-        c0, c1 = max(int(col - a) - 1, 0), min(int(col + a) + 2, width)
-        r0, r1 = max(int(row - b) - 1, 0), min(int(row + b) + 2, height)
-        if c0 >= c1 or r0 >= r1:
-            continue
-        rr, cc = np.ogrid[r0:r1, c0:c1]
-        disc = ((cc + 0.5 - col) / max(a, 0.5)) ** 2 + ((rr + 0.5 - row) / max(b, 0.5)) ** 2 <= 1
-        out[r0:r1, c0:c1][disc] = code
+    windows = _crater_windows(lon, lat, delta, to_grid, inv, shape)
+    cx, cy = to_grid.transform(np.degrees(lon), np.degrees(lat), errcheck=False)
+    ccol, crow = inv * (np.asarray(cx, float), np.asarray(cy, float))
+    limit = np.sin(np.minimum(delta, math.pi) / 2.0) ** 2
+    for k, code in enumerate(codes):
+        for r0, r1, c0, c1 in windows[k]:
+            sub = (slice(r0, r1), slice(c0, c1))
+            # Haversine: inside when hav(distance) <= hav(radius); NaN pixels are outside.
+            hav = (
+                np.sin((plat[sub] - lat[k]) / 2.0) ** 2
+                + cos_plat[sub] * math.cos(lat[k]) * np.sin((plon[sub] - lon[k]) / 2.0) ** 2
+            )
+            out[sub][hav <= limit[k]] = code
+        col, row = ccol[k], crow[k]
+        if math.isfinite(col) and math.isfinite(row) and 0 <= col < width and 0 <= row < height:
+            out[int(row), int(col)] = code
     return out
+
+
+def _crater_windows(
+    lon: np.ndarray,
+    lat: np.ndarray,
+    delta: np.ndarray,
+    to_grid: Transformer,
+    inv: Affine,
+    shape: tuple[int, int],
+) -> list[list[tuple[int, int, int, int]]]:
+    """Pixel windows ``(r0, r1, c0, c1)`` that hold each crater's disc, clipped to the grid.
+
+    The disc's outline (points at the angular radius, in every direction), its centre and, for
+    discs over a pole, the pole are projected onto the grid. On a geographic grid the crater
+    is also placed 360 degrees east and west, which gives a second window on the other edge
+    of a global grid when the disc crosses the antimeridian.
+    """
+    height, width = shape
+    theta = np.linspace(0.0, 2.0 * np.pi, 49)[:-1]
+    la, lo, d = lat[:, None], lon[:, None], delta[:, None]
+    blat = np.arcsin(
+        np.clip(np.sin(la) * np.cos(d) + np.cos(la) * np.sin(d) * np.cos(theta), -1.0, 1.0)
+    )
+    blon = lo + np.arctan2(
+        np.sin(theta) * np.sin(d) * np.cos(la), np.cos(d) - np.sin(la) * np.sin(blat)
+    )
+    n = len(lon)
+    north = lat + delta >= np.pi / 2
+    south = lat - delta <= -np.pi / 2
+    pole_lat = np.where(north, np.pi / 2, np.where(south, -np.pi / 2, lat))
+    pole = np.stack([pole_lat, pole_lat, pole_lat], axis=1)
+    # A disc over a pole spans every longitude: the pole at three longitudes says so.
+    pole_lon = lon[:, None] + np.where((north | south)[:, None], [-np.pi, 0.0, np.pi], 0.0)
+    lats = np.degrees(np.concatenate([blat, lat[:, None], pole], axis=1))
+    lons = np.degrees(np.concatenate([blon, lon[:, None], pole_lon], axis=1))
+    windows: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n)]
+    # Projections wrap longitudes themselves; only a geographic grid needs the shifted copies.
+    shifts = (0.0, -360.0, 360.0) if to_grid.target_crs.is_geographic else (0.0,)
+    for shift in shifts:
+        x, y = to_grid.transform(lons + shift, lats, errcheck=False)
+        cols, rows = inv * (np.asarray(x, float), np.asarray(y, float))
+        ok = np.isfinite(cols) & np.isfinite(rows)
+        any_ok = ok.any(axis=1)
+        with np.errstate(invalid="ignore"):
+            c0 = np.floor(np.min(np.where(ok, cols, np.inf), axis=1)) - 1
+            c1 = np.floor(np.max(np.where(ok, cols, -np.inf), axis=1)) + 2
+            r0 = np.floor(np.min(np.where(ok, rows, np.inf), axis=1)) - 1
+            r1 = np.floor(np.max(np.where(ok, rows, -np.inf), axis=1)) + 2
+        c0, r0 = np.clip(c0, 0, width), np.clip(r0, 0, height)
+        c1, r1 = np.clip(c1, 0, width), np.clip(r1, 0, height)
+        for k in np.flatnonzero(any_ok & (c0 < c1) & (r0 < r1)):
+            window = (int(r0[k]), int(r1[k]), int(c0[k]), int(c1[k]))
+            if window not in windows[k]:
+                windows[k].append(window)
+    return windows
+
+
+def is_crater_catalog(path: str | Path) -> bool:
+    """Whether a label file is a crater table (CSV, plain Parquet) rather than polygons.
+
+    A Parquet file is GeoParquet polygons when it carries GeoParquet ``geo`` metadata.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return True
+    if suffix != ".parquet":
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, ValueError) as exc:
+        raise CatalogReadError(f"cannot read labels {path}: {exc}") from exc
+    return b"geo" not in metadata
+
+
+def _read_polygons(path: Path, field: str) -> Any:
+    import geopandas as gpd
+
+    try:
+        frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
+    except Exception as exc:  # noqa: BLE001 - fiona/pyogrio raise many types; report one line
+        raise CatalogReadError(f"cannot read polygons from {path}: {exc}") from exc
+    if field not in frame.columns:
+        raise InvalidArgumentError(f"{path} has no {field!r} column to take classes from")
+    if frame.crs is None:
+        raise InvalidArgumentError(f"{path} has no CRS: write one into the file")
+    return frame
+
+
+def _check_body(frame: Any, path: Path, crs: CRS) -> None:
+    from planetseg.bodies import same_body
+    from planetseg.errors import MixedBodiesError
+
+    try:
+        same_body([frame.crs, crs], what=f"labels {path.name} and the cube")
+    except MixedBodiesError as exc:
+        if path.suffix.lower() in (".geojson", ".json"):
+            raise MixedBodiesError(
+                f"{exc}; GeoJSON holds WGS 84 coordinates only (RFC 7946): write polygons of "
+                "other bodies as GeoPackage or GeoParquet"
+            ) from exc
+        raise
+
+
+def polygon_classes(
+    path: str | Path, *, field: str = "class", crs: str | CRS | None = None
+) -> list[str]:
+    """Class names of a polygon file, sorted (the order :func:`class_values` numbers them in).
+
+    Args:
+        path: GeoJSON, GeoPackage or GeoParquet file.
+        field: Class column.
+        crs: The grid's CRS, to refuse polygons of another body before any work is done.
+
+    Raises:
+        CatalogReadError: the file cannot be read.
+        InvalidArgumentError: no ``field`` column, or no CRS.
+        MixedBodiesError: the polygons are on another body than ``crs``.
+    """
+    path = Path(path)
+    frame = _read_polygons(path, field)
+    if crs is not None:
+        _check_body(frame, path, parse_crs(crs))
+    return sorted(frame[field].astype(str).unique())
 
 
 def rasterize_polygons(
@@ -177,22 +314,12 @@ def rasterize_polygons(
     Returns:
         The ``uint8`` label array and the class -> value mapping used.
     """
-    import geopandas as gpd
     from rasterio.features import rasterize
 
     path = Path(path)
-    try:
-        frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
-    except Exception as exc:  # noqa: BLE001 - fiona/pyogrio raise many types; report one line
-        raise CatalogReadError(f"cannot read polygons from {path}: {exc}") from exc
-    if field not in frame.columns:
-        raise InvalidArgumentError(f"{path} has no {field!r} column to take classes from")
-    if frame.crs is None:
-        raise InvalidArgumentError(f"{path} has no CRS: write one into the file")
+    frame = _read_polygons(path, field)
     crs = parse_crs(crs)
-    from planetseg.bodies import same_body
-
-    same_body([frame.crs, crs], what=f"labels {path.name} and the cube")
+    _check_body(frame, path, crs)
     frame = frame.to_crs(crs)
     names = sorted(frame[field].astype(str).unique())
     mapping = class_values(names, values)

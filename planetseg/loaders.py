@@ -37,6 +37,14 @@ class Loader(Protocol):
 
     name: str
 
+    def check(self, plan: CubePlan) -> None:
+        """Refuse, before anything is written, a plan this engine cannot load.
+
+        Raises:
+            InvalidArgumentError: the engine cannot represent the plan's CRS or bands.
+        """
+        ...
+
     def load(self, items: dict[str, Item], plan: CubePlan) -> xr.Dataset:
         """Return ``image(time, band, y, x)`` [+ ``labels(time, y, x)``], lazy, tile-chunked.
 
@@ -55,6 +63,9 @@ class OdcLoader:
     """odc-stac engine (default): any CRS PROJ knows, IAU included; multi-band assets."""
 
     name = "odc"
+
+    def check(self, plan: CubePlan) -> None:
+        """See :class:`Loader` (odc-stac loads any plan)."""
 
     def load(self, items: dict[str, Item], plan: CubePlan) -> xr.Dataset:
         """See :class:`Loader`."""
@@ -83,12 +94,18 @@ class OdcLoader:
                     fail_on_error=not plan.fill_missing,
                 )
 
-        ds = load(names, plan.dtype, plan.nodata, plan.resampling)
+        ds = _yx(load(names, plan.dtype, plan.nodata, plan.resampling))
         image = xr.concat([ds[n] for n in names], dim="band").transpose("time", "band", "y", "x")
         out = xr.Dataset({"image": image.assign_coords(band=plan.band_names)})
         if plan.label_asset:
-            out["labels"] = load([plan.label_asset], "uint8", 0, "nearest")[plan.label_asset]
+            out["labels"] = _yx(load([plan.label_asset], "uint8", 0, "nearest"))[plan.label_asset]
         return out.chunk({"time": 1, "band": -1})
+
+
+def _yx(ds: xr.Dataset) -> xr.Dataset:
+    """odc-stac names the dims of a geographic grid latitude/longitude: the cube says y/x."""
+    names = {"latitude": "y", "longitude": "x"}
+    return ds.rename({k: v for k, v in names.items() if k in ds.dims})
 
 
 class StackstacLoader:
@@ -96,14 +113,9 @@ class StackstacLoader:
 
     name = "stackstac"
 
-    def load(self, items: dict[str, Item], plan: CubePlan) -> xr.Dataset:
-        """See :class:`Loader`."""
-        import stackstac
-        import xarray as xr
-        from rasterio.enums import Resampling
-
-        epsg = plan.epsg
-        if epsg is None:
+    def check(self, plan: CubePlan) -> None:
+        """See :class:`Loader`: EPSG CRSs and single-band assets only."""
+        if plan.epsg is None:
             raise InvalidArgumentError(
                 "the stackstac engine needs an EPSG CRS (it cannot represent IAU or WKT-only "
                 "CRSs): use --engine odc"
@@ -112,6 +124,15 @@ class StackstacLoader:
             raise InvalidArgumentError(
                 "the stackstac engine reads single-band assets only: use --engine odc"
             )
+
+    def load(self, items: dict[str, Item], plan: CubePlan) -> xr.Dataset:
+        """See :class:`Loader`."""
+        import stackstac
+        import xarray as xr
+        from rasterio.enums import Resampling
+
+        self.check(plan)
+        epsg = plan.epsg
         order = _group_key(plan)
         dicts = [_with_epsg(items[i]) for i in order]
         left, bottom, right, top = plan.bounds
