@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planetseg import __version__
-from planetseg.errors import InvalidArgumentError, PlanetsegError
+from planetseg.errors import CatalogReadError, InvalidArgumentError, PlanetsegError
 
 app = typer.Typer(
     name="planetseg",
@@ -230,6 +230,10 @@ def ingest(
             catalog=source, collections=tuple(collection or ()), bbox=bbox, datetime=datetime
         )
     )
+    if not found.items and (bbox or datetime or collection):
+        raise CatalogReadError(
+            f"no items of {source} match the --collection/--bbox/--datetime given: widen them"
+        )
     config = IngestConfig(
         out=str(out_path),
         bbox=bbox,

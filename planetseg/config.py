@@ -61,6 +61,8 @@ class IngestConfig:
         fill_missing: Fill items whose assets cannot be read with nodata (with a warning)
             instead of failing.
         batch_tiles: Tiles per submitted partition; bounds the graph and memory.
+        read_block: Pixels per side read from the assets at once (whole tiles): bigger blocks
+            open each COG fewer times; writes stay one chunk per tile.
     """
 
     out: str
@@ -77,6 +79,7 @@ class IngestConfig:
     label_field: str = "class"
     fill_missing: bool = False
     batch_tiles: int = 64
+    read_block: int = 1024
 
 
 @dataclass(frozen=True)

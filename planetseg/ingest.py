@@ -115,6 +115,7 @@ class CubePlan:
         label_source: Path of a crater catalog or polygon file, giving ``labels(y, x)``.
         label_field: Class column of ``label_source``.
         fill_missing: Whether unreadable assets were dropped (with a warning).
+        read_block: Pixels per side read at once (rounded down to whole tiles).
     """
 
     crs_wkt: str
@@ -131,6 +132,12 @@ class CubePlan:
     label_source: str | None = None
     label_field: str = "class"
     fill_missing: bool = False
+    read_block: int = 0
+
+    @property
+    def block(self) -> int:
+        """Pixels per side read at once: a multiple of the tile (``read_block``, else the tile)."""
+        return max(self.tile, self.read_block // self.tile * self.tile)
 
     @property
     def band_names(self) -> list[str]:
@@ -330,6 +337,7 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
         label_source=str(Path(label_source).resolve()) if label_source else None,
         label_field=config.label_field,
         fill_missing=config.fill_missing,
+        read_block=config.read_block,
     )
 
 
@@ -658,32 +666,42 @@ def _tile_marker(t: int | None, iy: int, ix: int) -> str:
 # --------------------------------------------------------------------------- execution
 
 
-def _write_tile(
+def _write_block(
     store: str,
     t: int | None,
-    iy: int,
-    ix: int,
+    origin: tuple[int, int],
+    tiles: list[tuple[int, int]],
     tile: int,
     image: np.ndarray | None,
     labels: np.ndarray | None,
 ) -> int:
-    """Write one tile's chunks, then its marker. Runs on a worker."""
+    """Write tiles out of one block read at pixel ``origin``, each followed by its marker.
+
+    Runs on a worker. The arrays are opened once per block, not once per tile; a marker is
+    touched only after its tile's chunks are written, so a kill never marks a tile done early.
+
+    Returns:
+        The number of tiles written.
+    """
     import zarr
 
-    ys, xs = slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)
-    nbytes = 0
-    if image is not None:
-        zarr.open_array(store, path="image", mode="r+")[t, :, ys, xs] = image[0]
-        nbytes += image.nbytes
-    if labels is not None:
-        target = zarr.open_array(store, path="labels", mode="r+")
-        if t is None:
-            target[ys, xs] = labels
-        else:
-            target[t, ys, xs] = labels[0]
-        nbytes += labels.nbytes
-    (progress_dir(Path(store)) / _tile_marker(t, iy, ix)).touch()
-    return nbytes
+    y0, x0 = origin
+    image_out = zarr.open_array(store, path="image", mode="r+") if image is not None else None
+    labels_out = zarr.open_array(store, path="labels", mode="r+") if labels is not None else None
+    marks = progress_dir(Path(store))
+    for iy, ix in tiles:
+        ys, xs = slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)
+        ly = slice(ys.start - y0, ys.stop - y0)
+        lx = slice(xs.start - x0, xs.stop - x0)
+        if image_out is not None:
+            image_out[t, :, ys, xs] = image[0, :, ly, lx]
+        if labels_out is not None:
+            if t is None:
+                labels_out[ys, xs] = labels[ly, lx]
+            else:
+                labels_out[t, ys, xs] = labels[0, ly, lx]
+        (marks / _tile_marker(t, iy, ix)).touch()
+    return len(tiles)
 
 
 def _static_labels_tile(plan: CubePlan, iy: int, ix: int, catalog: Any) -> np.ndarray:
@@ -786,7 +804,12 @@ def ingest(
                 f"{store} is an unfinished ingest of other acquisitions: re-run that ingest to "
                 "finish it before appending"
             )
-        plan = replace(old, times=old.times + new_times, fill_missing=plan.fill_missing)
+        plan = replace(
+            old,
+            times=old.times + new_times,
+            fill_missing=plan.fill_missing,
+            read_block=plan.read_block,
+        )
     filled = (
         check_assets([by_id[i] for s in new_times for i in s.item_ids], plan) if new_times else []
     )
@@ -967,30 +990,34 @@ def _execute(
     label_blocks = (
         cube["labels"].data.to_delayed() if cube is not None and "labels" in cube else None
     )
-    write = dask.delayed(_write_tile, pure=False)
+    write = dask.delayed(_write_block, pure=False)
     label_tile = dask.delayed(_static_labels_tile, pure=True)
+    # Reads happen in blocks of plan.block pixels (fewer COG opens and requests); writes stay
+    # one chunk per tile. Group the pending tiles by the block that holds them.
+    per_block = plan.block // plan.tile
+    blocks: dict[tuple[int | None, int, int], list[tuple[int, int]]] = {}
+    for t, iy, ix in pending:
+        key = (t, iy // per_block, ix // per_block) if t is not None else (None, iy, ix)
+        blocks.setdefault(key, []).append((iy, ix))
     done = skipped
     if progress:
         progress(done, total)
-    for start in range(0, len(pending), batch):
+    keys = list(blocks)
+    step = max(1, batch // (per_block * per_block))
+    for start in range(0, len(keys), step):
         tasks = []
-        for t, iy, ix in pending[start : start + batch]:
+        for t, by, bx in keys[start : start + step]:
+            tiles = blocks[(t, by, bx)]
             if t is None:
-                tasks.append(
-                    write(
-                        str(store), None, iy, ix, plan.tile, None, label_tile(plan, iy, ix, catalog)
-                    )
-                )
+                labels = label_tile(plan, by, bx, catalog)
+                origin = (by * plan.tile, bx * plan.tile)
+                tasks.append(write(str(store), None, origin, tiles, plan.tile, None, labels))
             else:
+                origin = (by * plan.block, bx * plan.block)
+                labels = label_blocks[t, by, bx] if label_blocks is not None else None
                 tasks.append(
                     write(
-                        str(store),
-                        t,
-                        iy,
-                        ix,
-                        plan.tile,
-                        image_blocks[t, 0, iy, ix],
-                        label_blocks[t, iy, ix] if label_blocks is not None else None,
+                        str(store), t, origin, tiles, plan.tile, image_blocks[t, 0, by, bx], labels
                     )
                 )
         done = _run(tasks, client, progress, done, total)
@@ -1006,13 +1033,11 @@ def _run(tasks: list[Any], client: Any, progress: Progress | None, done: int, to
             from distributed import as_completed
 
             for future in as_completed(client.compute(tasks)):
-                future.result()
-                done += 1
+                done += future.result()
                 if progress:
                     progress(done, total)
         else:
-            dask.compute(*tasks, scheduler="threads")
-            done += len(tasks)
+            done += sum(dask.compute(*tasks, scheduler="threads"))
             if progress:
                 progress(done, total)
     except Exception as exc:

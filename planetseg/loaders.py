@@ -2,8 +2,8 @@
 
 The I/O boundary of ingest is one small contract, :class:`Loader`: given the items of a plan and
 the plan itself, return ``image(time, band, y, x)`` (and ``labels(time, y, x)`` when the plan
-takes labels from a raster asset) as Dask-backed arrays chunked one tile per chunk, **without
-reading pixels**. Two engines implement it:
+takes labels from a raster asset) as Dask-backed arrays chunked one read block (``plan.block``
+pixels, whole tiles) per chunk, **without reading pixels**. Two engines implement it:
 
 * ``odc`` (default): odc-stac. It understands WKT2 and IAU CRSs (with PROJ's celestial-body
   check lifted, see :func:`planetseg.bodies.celestial_proj`) and multi-band assets.
@@ -85,7 +85,7 @@ class OdcLoader:
                     stac_items,
                     bands=bands,
                     geobox=plan.geobox(),
-                    chunks={"x": plan.tile, "y": plan.tile},
+                    chunks={"x": plan.block, "y": plan.block},
                     groupby=lambda item, _parsed, _idx: order[item.id],
                     resampling=resampling,
                     dtype=dtype,
@@ -147,7 +147,7 @@ class StackstacLoader:
                 bounds=(left, bottom, right, top),
                 snap_bounds=False,
                 xy_coords="center",
-                chunksize=plan.tile,
+                chunksize=plan.block,
                 dtype=dtype,
                 fill_value=np.dtype(dtype).type(fill),
                 rescale=False,
@@ -174,7 +174,7 @@ class StackstacLoader:
         if plan.label_asset:
             labels = stack([plan.label_asset], "uint8", 0, "nearest").isel(band=0, drop=True)
             out["labels"] = labels.drop_vars([c for c in labels.coords if c not in ("x", "y")])
-        return out.chunk({"time": 1, "band": -1, "y": plan.tile, "x": plan.tile})
+        return out.chunk({"time": 1, "band": -1, "y": plan.block, "x": plan.block})
 
 
 def _with_epsg(item: Item) -> Item:

@@ -564,7 +564,10 @@ def test_building_the_cube_reads_no_pixels_and_opens_no_files(
         files = range_server_factory(world.root)
         items = http_items(world, files)
         plan = plan_ingest(
-            items, IngestConfig(out="unused.zarr", labels="labels", tile=256, engine=engine)
+            items,
+            IngestConfig(
+                out="unused.zarr", labels="labels", tile=256, read_block=256, engine=engine
+            ),
         )
         by_id = {it["id"]: it for it in items}
         with raise_if_dask_computes():
