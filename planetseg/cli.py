@@ -424,6 +424,7 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
     size: Annotated[int, typer.Option(help="Scene size in pixels.")] = 1024,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 120,
     cluster: ClusterOpt = "local",
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -439,7 +440,9 @@ def demo(
             on_dashboard=lambda url: out.print(f"Dask dashboard: {url}"),
         ) as client,
     ):
-        result = run_demo(out_dir, seed=seed, size=size, client=client, progress=update)
+        result = run_demo(
+            out_dir, seed=seed, size=size, steps=steps, client=client, progress=update
+        )
     world, cube = result.world, result.cube
     out.print(
         f"[bold]synth[/bold]  {world.body} world, {len(world.item_ids)} epochs -> {world.root}"
@@ -448,6 +451,9 @@ def demo(
     _print_items(result.found.items)
     out.print(f"        {len(result.found.items)} items -> {result.items}")
     _print_ingest(cube)
+    out.print(f"[bold]train[/bold]  DSRL (SR branch + FA loss, detached) -> {result.model}")
+    out.print("[bold]evaluate[/bold] on the held-out strip (LR input, HR labels):")
+    _print_scores(result.scores)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -118,16 +118,18 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     import xarray as xr
 
     out = tmp_path / "demo"
-    args = ("demo", "--out", str(out), "--size", "256", "--cluster", "none")
+    args = ("demo", "--out", str(out), "--size", "512", "--steps", "2", "--cluster", "none")
     first = planetseg(*args)
     assert first.returncode == 0, first.stderr
     assert "3 items" in first.stdout and "tiles: 3 written" in first.stdout
+    assert "mIoU" in first.stdout and (out / "run" / "model" / "model.json").exists()
     cube = xr.open_zarr(out / "cube.zarr", consolidated=False)
     assert cube.attrs["planetseg:complete"] is True
-    assert dict(cube.sizes) == {"time": 3, "band": 1, "y": 256, "x": 256}
+    assert dict(cube.sizes) == {"time": 3, "band": 1, "y": 512, "x": 512}
     assert [it["id"] for it in read_items(out / "items.parquet")] == [
         f"synthetic-moon-e0{k}" for k in range(3)
     ]
     again = planetseg(*args)
     assert again.returncode == 0, again.stderr
     assert "tiles: 0 written" in again.stdout
+    assert "mIoU" in again.stdout
