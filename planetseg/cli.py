@@ -60,6 +60,16 @@ def _main(
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if verbose < 2 else "debug")
 
 
+# Options shared by every command that selects items (search, ingest).
+CollectionOpt = Annotated[
+    list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
+]
+BBoxOpt = Annotated[str | None, typer.Option(help="W,S,E,N in the body's lon/lat degrees.")]
+DatetimeOpt = Annotated[
+    str | None, typer.Option("--datetime", help="RFC 3339 instant or interval A/B ('..' open).")
+]
+
+
 # --------------------------------------------------------------------------- catalogs
 
 
@@ -97,13 +107,9 @@ def search(
     catalog: Annotated[
         str, typer.Option("--catalog", "-c", help="Name, alias, STAC API URL or local path.")
     ],
-    collection: Annotated[
-        list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
-    ] = None,
-    bbox: Annotated[str | None, typer.Option(help="W,S,E,N in the body's lon/lat degrees.")] = None,
-    datetime: Annotated[
-        str | None, typer.Option("--datetime", help="RFC 3339 instant or interval A/B ('..' open).")
-    ] = None,
+    collection: CollectionOpt = None,
+    bbox: BBoxOpt = None,
+    datetime: DatetimeOpt = None,
     max_items: Annotated[int | None, typer.Option(help="Stop after this many items.")] = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", help="Write items: .json/.geojson, .ndjson or .parquet.")
@@ -189,13 +195,9 @@ def ingest(
         str, typer.Argument(help="Items file from `search`, or a catalog (name, URL, path).")
     ],
     out_path: Annotated[Path, typer.Option("--out", help="The zarr cube to write.")],
-    collection: Annotated[
-        list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
-    ] = None,
-    bbox: Annotated[str | None, typer.Option(help="W,S,E,N in the body's lon/lat.")] = None,
-    datetime: Annotated[
-        str | None, typer.Option("--datetime", help="RFC 3339 instant or interval.")
-    ] = None,
+    collection: CollectionOpt = None,
+    bbox: BBoxOpt = None,
+    datetime: DatetimeOpt = None,
     crs: Annotated[str | None, typer.Option(help="Cube CRS; default: the items' own.")] = None,
     resolution: Annotated[
         float | None, typer.Option(help="Pixel size in CRS units; default: native.")
