@@ -66,19 +66,25 @@ def test_ddp_synchronises_gradients(small_cube: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(r0[k], alone[k]) for k in weights)
 
 
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _losses(run: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_two_processes_learn_like_one(small_cube: Path, tmp_path: Path) -> None:
     curves = {}
     for n in (1, 2):
-        train(small_cube, TrainConfig(out=str(tmp_path / f"n{n}"), steps=40, nproc=n, **TINY))
-        curves[n] = _losses(tmp_path / f"n{n}")
-    for losses in curves.values():
-        assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
-    end1, end2 = sum(curves[1][-8:]) / 8, sum(curves[2][-8:]) / 8
+        train(small_cube, TrainConfig(out=str(tmp_path / f"n{n}"), steps=80, nproc=n, **TINY))
+        curves[n] = _losses(tmp_path / f"n{n}", "ce")
+    # Same shape: both fall by a similar factor and end at a similar level (the ranks see
+    # different windows, so the curves are not identical).
+    drops = {}
+    for n, ce in curves.items():
+        start, end = sum(ce[:10]) / 10, sum(ce[-10:]) / 10
+        drops[n] = end / start
+        assert drops[n] < 0.75, (n, start, end)
+    assert abs(drops[1] - drops[2]) < 0.2, drops
+    end1, end2 = sum(curves[1][-10:]) / 10, sum(curves[2][-10:]) / 10
     assert abs(end1 - end2) / end1 < 0.3
 
 
