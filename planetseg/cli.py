@@ -176,10 +176,20 @@ def _print_items(items: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- ingest
 
 
-def _cluster_options(cluster: str, workers: int | None, threads: int | None) -> Any:
+@contextmanager
+def _computing(
+    what: str, cluster: str, workers: int | None, threads: int | None
+) -> Iterator[tuple[Any, Callable[[int, int], None]]]:
+    """The Dask client a command computes on (dashboard link printed) and a progress bar."""
+    from planetseg.cluster import dask_client
     from planetseg.config import ClusterConfig
 
-    return ClusterConfig(kind=cluster, workers=workers, threads=threads)
+    config = ClusterConfig(kind=cluster, workers=workers, threads=threads)
+    with (
+        _progress(what) as update,
+        dask_client(config, on_dashboard=lambda url: out.print(f"Dask dashboard: {url}")) as client,
+    ):
+        yield client, update
 
 
 ClusterOpt = Annotated[
@@ -222,7 +232,6 @@ def ingest(
     threads: ThreadsOpt = None,
 ) -> None:
     """Ingest STAC items into a tiled zarr datacube (resumes and appends)."""
-    from planetseg.cluster import dask_client
     from planetseg.config import IngestConfig, SearchConfig
     from planetseg.ingest import ingest as run_ingest
     from planetseg.search import search as run_search
@@ -250,13 +259,7 @@ def ingest(
         label_field=label_field,  # type: ignore[arg-type]
         fill_missing=fill_missing,
     )
-    with (
-        _progress("tiles") as update,
-        dask_client(
-            _cluster_options(cluster, workers, threads),
-            on_dashboard=lambda url: out.print(f"Dask dashboard: {url}"),
-        ) as client,
-    ):
+    with _computing("tiles", cluster, workers, threads) as (client, update):
         result = run_ingest(
             found.items, config, client=client, progress=update, provenance=found.provenance()
         )
@@ -432,16 +435,9 @@ def demo(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run the main job offline on the embedded synthetic world."""
-    from planetseg.cluster import dask_client
     from planetseg.demo import run_demo
 
-    with (
-        _progress("ingest") as update,
-        dask_client(
-            _cluster_options(cluster, workers, threads),
-            on_dashboard=lambda url: out.print(f"Dask dashboard: {url}"),
-        ) as client,
-    ):
+    with _computing("ingest", cluster, workers, threads) as (client, update):
         result = run_demo(
             out_dir, seed=seed, size=size, steps=steps, client=client, progress=update
         )
