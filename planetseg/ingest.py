@@ -817,6 +817,8 @@ def ingest(
         _create_store(store, plan, config, provenance, by_id)
     elif new_times:
         _append_times(store, plan, new_times)
+    if existed and not state.complete:
+        _drop_partial_writes(store)
     progress_dir(store).mkdir(exist_ok=True)
     state = read_state(store)
     ny, nx = plan.tiles_yx
@@ -855,6 +857,17 @@ def ingest(
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
     return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
+
+
+def _drop_partial_writes(store: Path) -> None:
+    """Remove the temporary files a killed run left mid-write.
+
+    zarr writes each chunk to ``<chunk>.<uuid>.partial`` and renames it into place; a kill
+    between the two leaves the temporary behind. Its tile has no marker, so it is rewritten;
+    the stray file only has to go.
+    """
+    for path in store.rglob("*.partial"):
+        path.unlink(missing_ok=True)
 
 
 def _attr(store: Path, name: str) -> Any:
