@@ -25,6 +25,7 @@ set ``NO_PROXY=127.0.0.1`` too (requests and curl both honour it).
 
 from __future__ import annotations
 
+import abc
 import copy
 import email.utils
 import hashlib
@@ -108,7 +109,7 @@ def rebase_hrefs(
             if not isinstance(href, str):
                 continue
             if href == old or href.startswith(old + "/"):
-                rest = href[len(old):]
+                rest = href[len(old) :]
                 asset["href"] = new + (urllib.parse.quote(rest, safe="/") if quote else rest)
         out.append(item)
     return out
@@ -210,7 +211,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._status, self._sent = 0, 0
         if self.path.startswith(CONTROL_PREFIX):
             body = self._read_body()
-            name = urllib.parse.urlsplit(self.path).path[len(CONTROL_PREFIX):]
+            name = urllib.parse.urlsplit(self.path).path[len(CONTROL_PREFIX) :]
             try:
                 self._send_json(200, self.server.state.control(name, json.loads(body or b"{}")))
             except KeyError:
@@ -549,7 +550,30 @@ def _child_main(kind: str, config_json: str) -> None:
     httpd.serve_forever(poll_interval=0.5)
 
 
-class _ChildHTTPService:
+class _Service(abc.ABC):
+    """Context-manager protocol shared by the servers: ``with X(...) as x`` starts and stops."""
+
+    @abc.abstractmethod
+    def start(self) -> Self:
+        """Start serving; return self."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _ChildHTTPService(_Service):
     """Parent side of a server running in a child process (see the note above)."""
 
     _kind: str
@@ -643,17 +667,6 @@ class _ChildHTTPService:
     def reset_stats(self) -> None:
         """Forget the requests recorded so far and zero the counters."""
         self._control("reset")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class RangeFileServer(_ChildHTTPService):
@@ -781,7 +794,7 @@ class FlakyProxy(_ChildHTTPService):
 # SilentServer
 
 
-class SilentServer:
+class SilentServer(_Service):
     """Accepts TCP connections on 127.0.0.1, reads what clients send, and never answers.
 
     A client's *read* timeout fires (the TCP connect succeeds at once). On exit every accepted
@@ -867,17 +880,6 @@ class SilentServer:
             self._thread = None
         sock.close()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------------------------
 # RustacServer
@@ -925,7 +927,7 @@ def collection_for(
     return coll
 
 
-class RustacServer:
+class RustacServer(_Service):
     """A real STAC API: ``rustac serve`` (in-memory backend) loaded with collections and items.
 
     Each ``(collection, items)`` pair is written to ``directory`` (a temporary one by default)
@@ -1128,17 +1130,6 @@ class RustacServer:
             self._tmp.cleanup()
             self._tmp = None
             self._directory = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _PortTaken(Exception):
