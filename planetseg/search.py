@@ -334,10 +334,10 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
         stac_files = [p for p in files if p.suffix.lower() in ITEM_SUFFIXES]
         item_files = []
         for path in stac_files:
-            doc_type = _peek_type(path)
-            if doc_type == "Collection":
-                collections.add(_load_json(path).get("id", ""))
-            elif doc_type != "Catalog":
+            doc = _peek(path)
+            if doc.get("type") == "Collection":
+                collections.add(doc.get("id", ""))
+            elif doc.get("type") != "Catalog":
                 item_files.append(path)
         if item_files:
             for path in item_files:
@@ -353,7 +353,10 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
         for path in rasters:
             yield _cog_item(path)
         return
-    if root.suffix.lower() in ITEM_SUFFIXES and _peek_type(root) in ("Collection", "Catalog"):
+    if root.suffix.lower() in ITEM_SUFFIXES and _peek(root).get("type") in (
+        "Collection",
+        "Catalog",
+    ):
         yield from _walk_static(root, collections, set())
         return
     yield from _read_local_items(root)
@@ -364,11 +367,12 @@ def _read_local_items(path: Path) -> Iterator[Item]:
         yield _absolute_hrefs(item, path.parent)
 
 
-def _peek_type(path: Path) -> str | None:
+def _peek(path: Path) -> dict[str, Any]:
+    """The JSON document of a ``.json``/``.geojson`` file (empty for NDJSON and Parquet)."""
     if path.suffix.lower() not in (".json", ".geojson"):
-        return None
+        return {}
     doc = _load_json(path)
-    return doc.get("type") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else {}
 
 
 def _has_links(path: Path) -> bool:
