@@ -314,6 +314,9 @@ def train(
     ] = False,
     w_sr: Annotated[float, typer.Option(help="Weight of the SR loss.")] = 0.1,
     w_fa: Annotated[float, typer.Option(help="Weight of the feature-affinity loss.")] = 1.0,
+    class_weights: Annotated[
+        str, typer.Option(help="balanced (median-frequency) or none: cross-entropy weights.")
+    ] = "balanced",
     width: Annotated[int, typer.Option(help="Channels of the first encoder level.")] = 16,
     depth: Annotated[int, typer.Option(help="Encoder levels.")] = 3,
     nproc: Annotated[int, typer.Option(help="DDP processes on this node.")] = 1,
@@ -337,6 +340,7 @@ def train(
         no_sr=no_sr,
         w_sr=w_sr,
         w_fa=w_fa,
+        class_weights=class_weights,
         width=width,
         depth=depth,
         nproc=nproc,

@@ -119,6 +119,8 @@ class TrainConfig:
         w_sr: Weight of the SR MSE loss.
         w_fa: Weight of the feature-affinity loss.
         fa_subsample: Average-pooling factor before the affinity matrices (paper: 8).
+        class_weights: ``balanced`` weighs the cross-entropy by median-frequency balancing
+            of the training strip's labels; ``none`` leaves it unweighted.
         width: Channels of the first encoder level.
         depth: Encoder levels.
         head_channels: Channels of the decoders' HR features.
@@ -143,6 +145,7 @@ class TrainConfig:
     w_sr: float = 0.1
     w_fa: float = 1.0
     fa_subsample: int = 8
+    class_weights: str = "balanced"
     width: int = 16
     depth: int = 3
     head_channels: int = 16

@@ -46,17 +46,23 @@ class Degradation:
     noise: float = 0.0
 
     def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, C, H, W) normalised HR -> (B, C, H / scale, W / scale) LR."""
-        sigma = self.psf_sigma * self.scale
-        radius = max(1, math.ceil(3 * sigma))
-        t = torch.arange(-radius, radius + 1, dtype=hr.dtype, device=hr.device)
-        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        c = hr.shape[1]
-        x = F.pad(hr, (radius, radius, radius, radius), mode="reflect")
-        x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-        lr = F.avg_pool2d(x, self.scale)
+        """(B, C, H, W) normalised HR -> (B, C, H / scale, W / scale) LR.
+
+        ``psf_sigma = 0`` skips the blur and ``scale = 1`` the downsampling, so
+        ``Degradation(1, 0.0)`` is the identity (the HR-input upper bound).
+        """
+        x = hr
+        if self.psf_sigma > 0:
+            sigma = self.psf_sigma * self.scale
+            radius = max(1, math.ceil(3 * sigma))
+            t = torch.arange(-radius, radius + 1, dtype=hr.dtype, device=hr.device)
+            kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+            kernel = kernel / kernel.sum()
+            c = hr.shape[1]
+            x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+            x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+            x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        lr = F.avg_pool2d(x, self.scale) if self.scale > 1 else x
         if self.noise > 0:
             lr = lr + self.noise * torch.randn(lr.shape, generator=generator, dtype=lr.dtype)
         return lr
@@ -88,6 +94,20 @@ class CubeData:
     def num_classes(self) -> int:
         """1 + the largest class value (values are used as indices)."""
         return max([*self.classes, int(self.labels.max())]) + 1
+
+    def class_weights(self, columns: slice) -> np.ndarray:
+        """Median-frequency balancing (Eigen & Fergus 2015) over ``columns`` of every time step.
+
+        ``w_c = median(f) / f_c`` over the classes present, ``f_c`` being class ``c``'s share
+        of the pixels; absent classes get 0. Rare classes (small craters are a few percent of
+        the pixels) would otherwise be cheaper to ignore than to learn.
+        """
+        counts = np.bincount(self.labels[..., columns].ravel(), minlength=self.num_classes)
+        freq = counts / max(counts.sum(), 1)
+        present = freq > 0
+        weights = np.zeros(self.num_classes, np.float32)
+        weights[present] = np.median(freq[present]) / freq[present]
+        return weights
 
     def band_stats(self, columns: slice) -> tuple[list[float], list[float]]:
         """Per-band mean and standard deviation over ``columns`` of every time step."""

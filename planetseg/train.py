@@ -82,6 +82,10 @@ def _validate(data: CubeData, config: TrainConfig) -> None:
         raise InvalidArgumentError(
             f"--crop {config.crop} must be a multiple of scale x 2**(depth-1) = {divisor}"
         )
+    if config.class_weights not in ("balanced", "none"):
+        raise InvalidArgumentError(
+            f"--class-weights must be balanced or none, got {config.class_weights!r}"
+        )
     if config.nproc < 1:
         raise InvalidArgumentError(f"--nproc must be at least 1, got {config.nproc}")
     if config.batch_size % max(config.nproc, 1):
@@ -184,6 +188,11 @@ def train_loop(
     sampler = WindowSampler(data, split, crop=config.crop, seed=config.seed)
     degrade = Degradation(config.scale, config.psf_sigma, config.noise)
     weights = LossWeights(config.w_sr, config.w_fa, config.fa_subsample)
+    class_weights = (
+        torch.from_numpy(data.class_weights(split.train)).to(device)
+        if config.class_weights == "balanced"
+        else None
+    )
     per_rank = config.batch_size // world
     log = (run / METRICS).open("a") if rank == 0 else None
     t0 = time.perf_counter()
@@ -194,7 +203,9 @@ def train_loop(
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + rank)
         lr = degrade(hr, gen)
         out = ddp(lr.to(device))
-        losses = dsrl_loss(out, torch.from_numpy(labels_np).to(device), hr.to(device), weights)
+        losses = dsrl_loss(
+            out, torch.from_numpy(labels_np).to(device), hr.to(device), weights, class_weights
+        )
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()

@@ -62,7 +62,11 @@ class LossWeights:
 
 
 def dsrl_loss(
-    out: DSRLOutput, labels: torch.Tensor, hr_image: torch.Tensor, weights: LossWeights
+    out: DSRLOutput,
+    labels: torch.Tensor,
+    hr_image: torch.Tensor,
+    weights: LossWeights,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Total and component losses of one batch.
 
@@ -71,11 +75,12 @@ def dsrl_loss(
         labels: (B, H, W) int64 HR labels.
         hr_image: (B, bands, H, W) normalised HR image (the SR target).
         weights: Loss weights.
+        class_weights: Optional (classes,) weights of the cross-entropy.
 
     Returns:
         ``{"loss", "ce"}`` plus ``"mse"`` and ``"fa"`` when the SR branch exists.
     """
-    ce = F.cross_entropy(out.logits, labels)
+    ce = F.cross_entropy(out.logits, labels, weight=class_weights)
     if out.sr is None:
         return {"loss": ce, "ce": ce}
     mse = F.mse_loss(out.sr, hr_image)

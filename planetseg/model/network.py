@@ -35,7 +35,8 @@ class NetConfig:
     Attributes:
         in_bands: Input bands (from the cube).
         num_classes: Label classes (from the cube).
-        scale: Output resolution / input resolution: 2 or 4.
+        scale: Output resolution / input resolution: 2 or 4 (1: plain segmentation at the
+            input resolution, the "HR input" upper bound of the ablation).
         width: Channels of the first encoder level; level ``k`` has ``width * 2**k``.
         depth: Encoder levels (each halves the resolution after the first).
         head_channels: Channels of the decoders' final (HR) features.
@@ -49,8 +50,8 @@ class NetConfig:
     head_channels: int = 32
 
     def __post_init__(self) -> None:
-        if self.scale not in (2, 4):
-            raise InvalidArgumentError(f"scale must be 2 or 4, got {self.scale}")
+        if self.scale not in (1, 2, 4):
+            raise InvalidArgumentError(f"scale must be 1, 2 or 4, got {self.scale}")
         if self.in_bands < 1 or self.num_classes < 2:
             raise InvalidArgumentError(
                 f"need at least one band and two classes (got {self.in_bands}, {self.num_classes})"
