@@ -62,6 +62,7 @@ from planetseg.bodies import celestial_proj  # noqa: E402
 from planetseg.cluster import dask_client  # noqa: E402
 from planetseg.config import ClusterConfig, IngestConfig  # noqa: E402
 from planetseg.items import read_items  # noqa: E402
+from planetseg.store import PROGRESS_SUFFIX  # noqa: E402
 from planetseg.synthetic import SynthConfig, synthesize  # noqa: E402
 
 TILE = 512
@@ -183,7 +184,7 @@ def verify_same_pixels(ps_store: Path, naive_store: Path) -> str:
 class Phases:
     """Wall time of planetseg.ingest's phases, by wrapping its module functions (threaded only).
 
-    Writes run in parallel threads, so ``_write_tile`` (and its parts) are summed thread-seconds;
+    Writes run in parallel threads, so ``_write_block`` (and its parts) are summed thread-seconds;
     the rest are wall seconds on the calling thread.
     """
 
@@ -225,8 +226,8 @@ class Phases:
                 "_create_store",
                 "_execute",
                 "_run",
-                "_set_attrs",
-                "_write_tile",
+                "set_attrs",
+                "_write_block",
             )
         }
         saved_open = zarr.open_array
@@ -234,8 +235,8 @@ class Phases:
         try:
             for n, fn in saved_mod.items():
                 setattr(ps_ingest, n, self._timed(n, fn))
-            # _write_tile imports zarr inside, so patching the module attribute reaches it.
-            zarr.open_array = self._timed("  zarr.open_array (in _write_tile)", saved_open)
+            # _write_block imports zarr inside, so patching the module attribute reaches it.
+            zarr.open_array = self._timed("  zarr.open_array (in _write_block)", saved_open)
             loader.load = self._timed("  loader.load (build lazy cube)", saved_load)
             yield
         finally:
@@ -253,7 +254,7 @@ def mbps(nbytes: int, seconds: float) -> float:
 def fresh(path: Path) -> None:
     """Remove a store and its progress folder (untimed)."""
     shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(path.with_name(path.name + ps_ingest.PROGRESS_SUFFIX), ignore_errors=True)
+    shutil.rmtree(path.with_name(path.name + PROGRESS_SUFFIX), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- main

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from planetseg import __version__
-from planetseg.errors import CatalogReadError, InvalidArgumentError, PlanetsegError
+from planetseg.errors import (
+    CatalogReadError,
+    InvalidArgumentError,
+    PlanetsegError,
+    PlanetsegWarning,
+)
 
 app = typer.Typer(
     name="planetseg",
@@ -176,15 +182,34 @@ def _print_items(items: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- ingest
 
 
-@contextmanager
-def _computing(
-    what: str, cluster: str, workers: int | None, threads: int | None
-) -> Iterator[tuple[Any, Callable[[int, int], None]]]:
-    """The Dask client a command computes on (dashboard link printed) and a progress bar."""
-    from planetseg.cluster import dask_client
+def _cluster(
+    kind: str,
+    workers: int | None,
+    threads: int | None,
+    jobs: int = 1,
+    config_file: Path | None = None,
+    host: str = "127.0.0.1",
+) -> Any:
+    """The ClusterConfig of the shared --cluster options (the kind is checked here, early)."""
+    from planetseg.cluster import check_kind
     from planetseg.config import ClusterConfig
 
-    config = ClusterConfig(kind=cluster, workers=workers, threads=threads)
+    check_kind(kind)
+    return ClusterConfig(
+        kind=kind,
+        workers=workers,
+        threads=threads,
+        jobs=jobs,
+        config_file=str(config_file) if config_file else None,
+        host=host,
+    )
+
+
+@contextmanager
+def _computing(what: str, config: Any) -> Iterator[tuple[Any, Callable[[int, int], None]]]:
+    """The Dask client a command computes on (dashboard link printed) and a progress bar."""
+    from planetseg.cluster import dask_client
+
     with (
         _progress(what) as update,
         dask_client(config, on_dashboard=lambda url: out.print(f"Dask dashboard: {url}")) as client,
@@ -193,10 +218,17 @@ def _computing(
 
 
 ClusterOpt = Annotated[
-    str, typer.Option(help="none, local, or a scheduler address tcp://HOST:PORT.")
+    str,
+    typer.Option(help="none, local, cuda, slurm, pbs, or a scheduler address tcp://HOST:PORT."),
 ]
-WorkersOpt = Annotated[int | None, typer.Option(help="Workers of a local cluster.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Workers of a local/cuda cluster.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Threads per worker.")]
+JobsOpt = Annotated[int, typer.Option(help="Batch jobs to submit (slurm, pbs).")]
+ClusterFileOpt = Annotated[
+    Path | None,
+    typer.Option("--cluster-config", help="dask-jobqueue settings; default: cluster/<kind>.yaml."),
+]
+HostOpt = Annotated[str, typer.Option(help="Interface the scheduler and dashboard bind to.")]
 
 
 @app.command()
@@ -224,12 +256,18 @@ def ingest(
         typer.Option(help="Label asset key, or a crater catalog / polygon file."),
     ] = None,
     label_field: Annotated[str, typer.Option(help="Class column of a polygon file.")] = "class",
+    resampling: Annotated[
+        str, typer.Option(help="Image resampling off the native grid (nearest, average, ...).")
+    ] = "nearest",
     fill_missing: Annotated[
         bool, typer.Option(help="Fill items whose assets cannot be read with nodata.")
     ] = False,
     cluster: ClusterOpt = "local",
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
+    jobs: JobsOpt = 1,
+    cluster_config: ClusterFileOpt = None,
+    host: HostOpt = "127.0.0.1",
 ) -> None:
     """Ingest STAC items into a tiled zarr datacube (resumes and appends)."""
     from planetseg.config import IngestConfig, SearchConfig
@@ -255,11 +293,13 @@ def ingest(
         groupby=groupby,  # type: ignore[arg-type]
         dtype=dtype,
         engine=engine,
+        resampling=resampling,
         labels=labels,
         label_field=label_field,  # type: ignore[arg-type]
         fill_missing=fill_missing,
     )
-    with _computing("tiles", cluster, workers, threads) as (client, update):
+    computing = _cluster(cluster, workers, threads, jobs, cluster_config, host)
+    with _computing("tiles", computing) as (client, update):
         result = run_ingest(
             found.items, config, client=client, progress=update, provenance=found.provenance()
         )
@@ -393,6 +433,96 @@ def _print_scores(result: dict[str, Any]) -> None:
         out.print(f"confusion (rows: truth, columns: prediction): {result['confusion']}")
 
 
+# --------------------------------------------------------------------------- segment
+
+
+@app.command()
+def segment(
+    cube: Annotated[Path, typer.Argument(help="A complete cube (the model's LR input).")],
+    model: Annotated[Path, typer.Option(help="Exported model directory (RUN/model).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Labels store to write or resume.")],
+    time: Annotated[
+        list[str] | None, typer.Option(help="Time step (index or date prefix); repeatable.")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Tiles per task (read as one window).")] = 4,
+    halo: Annotated[
+        int | None, typer.Option(help="Context pixels per side; default: no seams.")
+    ] = None,
+    partition: Annotated[
+        int | None, typer.Option(help="Tasks on the cluster at once; default 4 per thread.")
+    ] = None,
+    torch_threads: Annotated[int, typer.Option(help="Torch threads per task.")] = 1,
+    cog: Annotated[Path | None, typer.Option(help="Also write COGs into this folder.")] = None,
+    any_body: Annotated[
+        bool, typer.Option("--any-body", help="Allow a cube of another body than the model's.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and estimates, compute nothing.")
+    ] = False,
+    cluster: ClusterOpt = "local",
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    jobs: JobsOpt = 1,
+    cluster_config: ClusterFileOpt = None,
+    host: HostOpt = "127.0.0.1",
+) -> None:
+    """Segment every tile of a cube with an exported model on a Dask cluster (resumable)."""
+    from planetseg.config import SegmentConfig
+    from planetseg.segment import plan_segment
+    from planetseg.segment import segment as run_segment
+
+    config = SegmentConfig(
+        out=str(out_path),
+        model=str(model),
+        times=tuple(time or ()),
+        batch=batch,
+        halo=halo,
+        partition=partition,
+        threads=torch_threads,
+        cog=str(cog) if cog else None,
+        any_body=any_body,
+    )
+    computing = _cluster(cluster, workers, threads, jobs, cluster_config, host)
+    plan = plan_segment(cube, config)
+    if dry_run:
+        _print_plan(plan, partition)
+        return
+    with _computing("tiles", computing) as (client, update):
+        result = run_segment(cube, config, client=client, progress=update, plan=plan)
+    h, w = plan.out_shape
+    out.print(
+        f"[bold]segment[/bold] {result.store}: labels(time, y, x) = ({len(plan.times)}, {h}, {w}) "
+        f"uint8 + confidence, x{plan.scale} of the cube; tiles: {result.computed} segmented, "
+        f"{result.kept} kept; model {plan.digest[:19]}..."
+    )
+    for path in result.cogs:
+        out.print(f"  COG {path}")
+
+
+def _print_plan(plan: Any, partition: int | None) -> None:
+    est = plan.estimate(partition or 16)
+    h, w = plan.shape
+
+    def size(n: float) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+            if n < 1024 or unit == "PiB":
+                return f"{n:.1f} {unit}"
+            n /= 1024
+        return ""
+
+    out.print(
+        f"[bold]plan[/bold] {plan.cube}: {len(plan.times)} time step(s) x {plan.bands} band(s) x "
+        f"{h} x {w} {plan.dtype} -> labels x{plan.scale}\n"
+        f"  tiles {est['tiles']:,} of {plan.tile} px, tasks {est['tasks']:,} of up to "
+        f"{plan.batch} tiles, halo {plan.halo} px\n"
+        f"  partitions {est['partitions']:,} of {est['tasks_in_flight']:,} tasks in flight"
+        + ("" if partition else " (per 4 worker threads x 4; 16 assumed)")
+        + f"\n  reads {size(est['bytes_read'])}, writes {size(est['bytes_written'])}, "
+        f"about {size(est['bytes_per_task'])} per task\n"
+        f"  model {plan.digest[:19]}..."
+    )
+
+
 # --------------------------------------------------------------------------- synth, demo
 
 
@@ -441,7 +571,7 @@ def demo(
     """Run the main job offline on the embedded synthetic world."""
     from planetseg.demo import run_demo
 
-    with _computing("ingest", cluster, workers, threads) as (client, update):
+    with _computing("ingest", _cluster(cluster, workers, threads)) as (client, update):
         result = run_demo(
             out_dir, seed=seed, size=size, steps=steps, client=client, progress=update
         )
@@ -461,8 +591,19 @@ def demo(
 # --------------------------------------------------------------------------- entry point
 
 
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    if issubclass(category, PlanetsegWarning):
+        err.print(f"planetseg: warning: {message}", highlight=False, soft_wrap=True, markup=False)
+    else:
+        _default_showwarning(message, category, *args, **kwargs)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main() -> None:
-    """Console-script entry point: run the app and turn project errors into one line."""
+    """Console-script entry point: run the app; project errors and warnings print one line."""
+    warnings.showwarning = _show_warning
     try:
         app()
     except PlanetsegError as exc:

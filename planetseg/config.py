@@ -87,21 +87,59 @@ class ClusterConfig:
     """Which Dask cluster a stage computes on (see :mod:`planetseg.cluster`).
 
     Attributes:
-        kind: ``none`` (threads in this process), ``local`` (LocalCluster) or a scheduler
+        kind: ``none`` (this process), ``local`` (LocalCluster), ``cuda`` (dask-cuda, one
+            worker per GPU), ``slurm`` or ``pbs`` (dask-jobqueue batch jobs), or a scheduler
             address such as ``tcp://10.0.0.5:8786``.
         workers: Worker processes of a local cluster; None lets Dask choose.
         threads: Threads per worker; None lets Dask choose.
+        jobs: Batch jobs to submit (``slurm``/``pbs``).
+        config_file: dask-jobqueue settings for ``slurm``/``pbs``; None for
+            ``cluster/<kind>.yaml`` in the working directory, then planetseg's own.
         host: Interface the scheduler and dashboard bind to.
         dashboard_port: Dashboard port; 0 picks a free one.
         connect_timeout: Seconds to wait for a remote scheduler.
+        worker_timeout: Seconds to wait for the first batch-job worker to join.
     """
 
     kind: str = "local"
     workers: int | None = None
     threads: int | None = None
+    jobs: int = 1
+    config_file: str | None = None
     host: str = "127.0.0.1"
     dashboard_port: int = 0
     connect_timeout: float = 10.0
+    worker_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """How to segment a cube with an exported model (see :mod:`planetseg.segment`).
+
+    Attributes:
+        out: Labels store to create or resume.
+        model: Exported model directory (``train``'s ``RUN/model``).
+        times: Time steps to segment (indices or date prefixes); empty for all.
+        batch: Input tiles per task (a run along one tile row, read as one window).
+        halo: Input pixels of context around each window; None for the model's receptive
+            radius (no seams).
+        partition: Tasks kept on the cluster at once; None for 4 per worker thread.
+        threads: Torch threads per task.
+        cog: Folder to also write Cloud-Optimized GeoTIFFs into (labels and confidence per
+            time step), or None.
+        any_body: Segment a cube of another body than the model's (with a warning) instead of
+            refusing.
+    """
+
+    out: str
+    model: str
+    times: tuple[str, ...] = ()
+    batch: int = 4
+    halo: int | None = None
+    partition: int | None = None
+    threads: int = 1
+    cog: str | None = None
+    any_body: bool = False
 
 
 @dataclass(frozen=True)

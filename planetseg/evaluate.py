@@ -7,6 +7,7 @@ labels at ``scale`` x that input, and the prediction is scored against the cube'
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,20 +18,22 @@ from planetseg.data import Degradation, open_cube, spatial_split
 from planetseg.errors import CheckpointError
 from planetseg.export import load_model
 from planetseg.metrics import confusion_matrix, scores
-from planetseg.model import SegmentationNet
+from planetseg.model import SegmentationNet, receptive_radius
 
 
 @torch.no_grad()
 def predict_logits(
-    net: SegmentationNet, lr: torch.Tensor, *, tile: int = 256, halo: int = 16
+    net: SegmentationNet, lr: torch.Tensor, *, tile: int | None = 512, halo: int | None = None
 ) -> torch.Tensor:
     """Logits for a normalised LR image of any size, tile by tile with a halo (no seams).
 
     Args:
         net: The segmentation network (eval mode).
         lr: (1, bands, h, w) normalised LR image.
-        tile: LR tile size processed at once (bounds memory).
-        halo: LR pixels of context read around each tile and discarded.
+        tile: LR tile size processed at once (bounds memory; a multiple of the network's
+            divisor); None for the whole image in one pass.
+        halo: LR pixels of context read around each tile and discarded; None for the
+            network's receptive radius, which makes the result equal to a single pass.
 
     Returns:
         (1, classes, scale*h, scale*w) logits.
@@ -38,6 +41,12 @@ def predict_logits(
     s = net.config.scale
     m = net.config.divisor
     _, _, h, w = lr.shape
+    if tile is None:
+        tile, halo = max(h, w), 0
+    elif tile % m:
+        raise ValueError(f"tile {tile} is not a multiple of the network's divisor {m}")
+    if halo is None:
+        halo = math.ceil(receptive_radius(net.config) / m) * m
     out = torch.empty((1, net.config.num_classes, h * s, w * s))
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):

@@ -86,6 +86,32 @@ def export_model(
     return out
 
 
+def _files(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    folder = path.parent if path.suffix == ".json" else path
+    card_path, weights = folder / CARD, folder / WEIGHTS
+    if not card_path.exists() or not weights.exists():
+        raise CheckpointError(f"{folder} is not an exported model (needs {CARD} and {WEIGHTS})")
+    return card_path, weights
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """An exported model's card, checked for the keys later stages rely on (weights unread).
+
+    Raises:
+        CheckpointError: missing files or a damaged card.
+    """
+    card_path, _ = _files(path)
+    try:
+        card = json.loads(card_path.read_text())
+        NetConfig(**card["net"])
+        for key in ("digest", "bands", "classes", "scale", "normalisation"):
+            card[key]  # noqa: B018 - presence check
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"model card {card_path} is damaged: {exc}") from exc
+    return card
+
+
 def load_model(path: str | Path) -> tuple[SegmentationNet, dict[str, Any]]:
     """Load an exported model (its directory or its card) without unpickling anything.
 
@@ -96,17 +122,10 @@ def load_model(path: str | Path) -> tuple[SegmentationNet, dict[str, Any]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    folder = path.parent if path.suffix == ".json" else path
-    card_path, weights = folder / CARD, folder / WEIGHTS
-    if not card_path.exists() or not weights.exists():
-        raise CheckpointError(f"{folder} is not an exported model (needs {CARD} and {WEIGHTS})")
-    try:
-        card = json.loads(card_path.read_text())
-        net = SegmentationNet(NetConfig(**card["net"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"model card {card_path} is damaged: {exc}") from exc
-    if _digest(weights) != card.get("digest"):
+    card = read_card(path)
+    card_path, weights = _files(path)
+    net = SegmentationNet(NetConfig(**card["net"]))
+    if _digest(weights) != card["digest"]:
         raise CheckpointError(f"{weights} does not match the digest in {card_path}: re-export it")
     try:
         net.load_state_dict(load_file(str(weights)))

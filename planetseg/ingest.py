@@ -54,11 +54,19 @@ from planetseg.errors import (
 )
 from planetseg.items import Item, read_items
 from planetseg.search import parse_bbox
+from planetseg.store import (
+    cf_attrs,
+    done_markers,
+    drop_partial_writes,
+    get_attr,
+    pixel_centres,
+    progress_dir,
+    set_attrs,
+)
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-PROGRESS_SUFFIX = ".progress"
 
 
 # --------------------------------------------------------------------------- the plan
@@ -530,31 +538,19 @@ def check_assets(items: Sequence[Item], plan: CubePlan, *, threads: int = 8) -> 
 # --------------------------------------------------------------------------- the store
 
 
-def _cf_attrs(crs_wkt: str, transform: tuple[float, ...]) -> dict[str, Any]:
-    crs = parse_crs(crs_wkt)
-    attrs = dict(crs.to_cf())
-    attrs["crs_wkt"] = crs.to_wkt()
-    attrs["spatial_ref"] = crs.to_wkt()  # GDAL's name for the same thing
-    a, b, c, d, e, f = transform
-    attrs["GeoTransform"] = " ".join(str(v) for v in (c, a, b, f, d, e))
-    return attrs
-
-
 def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool) -> Any:
     """A Dataset with the store's variables as never-computed Dask zeros (metadata only)."""
     import dask.array as da
     import xarray as xr
 
     h, w = plan.shape
-    a, _, c, _, e, f = plan.transform
     t = plan.tile
     nb = len(plan.bands)
     coords = {
         "time": np.array([_np_time(s.datetime) for s in times], dtype="datetime64[ns]"),
         "band": np.array(plan.band_names, dtype=object),
-        "y": f + e * (np.arange(h) + 0.5),
-        "x": c + a * (np.arange(w) + 0.5),
-        "spatial_ref": xr.Variable((), np.int32(0), attrs=_cf_attrs(plan.crs_wkt, plan.transform)),
+        **pixel_centres(plan.transform, plan.shape),
+        "spatial_ref": xr.Variable((), np.int32(0), attrs=cf_attrs(plan.crs_wkt, plan.transform)),
     }
     image = da.zeros((len(times), nb, h, w), dtype=plan.dtype, chunks=(1, nb, t, t))
     data = {"image": (("time", "band", "y", "x"), image, {"grid_mapping": "spatial_ref"})}
@@ -618,11 +614,6 @@ class StoreState:
     done: set[str] = field(default_factory=set)
 
 
-def progress_dir(store: Path) -> Path:
-    """Where tile markers of an unfinished run live: beside the store, removed on completion."""
-    return store.with_name(store.name + PROGRESS_SUFFIX)
-
-
 def read_state(store: Path) -> StoreState:
     """Inspect a store written by :func:`ingest` (absent stores give ``exists=False``).
 
@@ -641,8 +632,7 @@ def read_state(store: Path) -> StoreState:
     plan = attrs.get("planetseg:plan")
     if plan is None:
         raise StoreMismatchError(f"{store} is not a planetseg cube: choose another --out")
-    marks = progress_dir(store)
-    done = {p.name for p in marks.iterdir()} if marks.exists() else set()
+    done = done_markers(store)
     return StoreState(
         True,
         bool(attrs.get("planetseg:complete")),
@@ -651,12 +641,6 @@ def read_state(store: Path) -> StoreState:
         bool(attrs.get("planetseg:static_done", True)),
         done,
     )
-
-
-def _set_attrs(store: Path, **attrs: Any) -> None:
-    import zarr
-
-    zarr.open_group(str(store), mode="r+").attrs.update(attrs)
 
 
 def _tile_marker(t: int | None, iy: int, ix: int) -> str:
@@ -791,7 +775,7 @@ def ingest(
     existed = state.exists
     new_times = plan.times
     if existed:
-        old = CubePlan.from_json(_attr(store, "planetseg:plan"))
+        old = CubePlan.from_json(get_attr(store, "planetseg:plan"))
         if old.grid_signature() != plan.grid_signature():
             raise StoreMismatchError(
                 f"{store} holds a cube on another grid or with other bands: choose another --out "
@@ -818,7 +802,7 @@ def ingest(
     elif new_times:
         _append_times(store, plan, new_times)
     if existed and not state.complete:
-        _drop_partial_writes(store)
+        drop_partial_writes(store)
     progress_dir(store).mkdir(exist_ok=True)
     state = read_state(store)
     ny, nx = plan.tiles_yx
@@ -845,7 +829,7 @@ def ingest(
             skipped=skipped,
             total=len(todo),
         )
-    _set_attrs(
+    set_attrs(
         store,
         **{
             "planetseg:complete": True,
@@ -857,23 +841,6 @@ def ingest(
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
     return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
-
-
-def _drop_partial_writes(store: Path) -> None:
-    """Remove the temporary files a killed run left mid-write.
-
-    zarr writes each chunk to ``<chunk>.<uuid>.partial`` and renames it into place; a kill
-    between the two leaves the temporary behind. Its tile has no marker, so it is rewritten;
-    the stray file only has to go.
-    """
-    for path in store.rglob("*.partial"):
-        path.unlink(missing_ok=True)
-
-
-def _attr(store: Path, name: str) -> Any:
-    import zarr
-
-    return zarr.open_group(str(store), mode="r").attrs[name]
 
 
 def _create_store(

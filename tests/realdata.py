@@ -145,9 +145,7 @@ def _scene(
         collection=collection_id,
         properties=properties,
     )
-    collection = collection_for(
-        collection_id, [item], description=description, license=license
-    )
+    collection = collection_for(collection_id, [item], description=description, license=license)
     return RealScene(cog=cog, item=item, collection=collection, asset=asset)
 
 

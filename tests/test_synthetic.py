@@ -64,9 +64,15 @@ def disc(shape: tuple[int, int], row: float, col: float, diameter_px: float) -> 
 def test_same_seed_gives_byte_identical_files(small: SynthWorld, tmp_path: Path) -> None:
     first = outputs(small.root)
     assert set(first) == {
-        "collection.json", "items.ndjson", "craters.csv",
-        "image-e00.tif", "image-e01.tif", "image-e02.tif",
-        "labels-e00.tif", "labels-e01.tif", "labels-e02.tif",
+        "collection.json",
+        "items.ndjson",
+        "craters.csv",
+        "image-e00.tif",
+        "image-e01.tif",
+        "image-e02.tif",
+        "labels-e00.tif",
+        "labels-e01.tif",
+        "labels-e02.tif",
     }
     # Regenerating in place gives the same bytes, hrefs included.
     synthesize(small.root, config=SMALL)
@@ -207,10 +213,21 @@ def test_items_and_collection(small: SynthWorld) -> None:
 def test_catalog_columns_and_coordinates(small: SynthWorld) -> None:
     catalog = pd.read_csv(small.craters)
     assert list(catalog.columns) == [
-        "id", "lon", "lat", "diameter_km", "class", "epoch", "x", "y", "row", "col", "diameter_px"
+        "id",
+        "lon",
+        "lat",
+        "diameter_km",
+        "class",
+        "epoch",
+        "x",
+        "y",
+        "row",
+        "col",
+        "diameter_px",
     ]
-    np.testing.assert_allclose(catalog["diameter_km"], catalog["diameter_px"] * SMALL.gsd / 1000,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        catalog["diameter_km"], catalog["diameter_px"] * SMALL.gsd / 1000, atol=1e-7
+    )
     with rasterio.open(small.images[0]) as src:
         xs, ys = src.transform @ (catalog["col"].to_numpy(), catalog["row"].to_numpy())
         crs = CRS.from_wkt(src.crs.to_wkt())

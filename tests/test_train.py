@@ -41,8 +41,9 @@ def _rank_main(rank: int, port: int, cube: str, out: str, world: int) -> None:
 
     torch.set_num_threads(1)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
     config = TrainConfig(out=f"{out}/run{world}", steps=1, **TINY)
     model = train_loop(rank, world, open_cube(cube), config, torch.device("cpu"))
     torch.save(model.state_dict(), f"{out}/world{world}-rank{rank}.pt")
@@ -89,14 +90,32 @@ def test_two_processes_learn_like_one(small_cube: Path, tmp_path: Path) -> None:
 
 
 def test_kill_and_resume_equals_uninterrupted(small_cube: Path, tmp_path: Path) -> None:
-    args = ["train", str(small_cube), "--steps", "200", "--width", "8", "--depth", "2",
-            "--crop", "32", "--batch-size", "4", "--val-every", "1000",
-            "--checkpoint-every", "4"]
+    args = [
+        "train",
+        str(small_cube),
+        "--steps",
+        "200",
+        "--width",
+        "8",
+        "--depth",
+        "2",
+        "--crop",
+        "32",
+        "--batch-size",
+        "4",
+        "--val-every",
+        "1000",
+        "--checkpoint-every",
+        "4",
+    ]
     clean = planetseg(*args, "--out", str(tmp_path / "clean"), timeout=300)
     assert clean.returncode == 0, clean.stderr
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "planetseg.cli", *args, "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "planetseg.cli", *args, "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         ckpt = run / "checkpoint.pt"
@@ -152,8 +171,9 @@ def test_bad_training_input(small_cube: Path, tmp_path: Path) -> None:
     nolabels = tmp_path / "nolabels.zarr"
     world = synthesize(tmp_path / "w", config=SynthConfig(size=128))
     ingest(world.items, IngestConfig(out=str(nolabels), tile=64))
-    assert_one_line_error(planetseg("train", str(nolabels), "--out", str(tmp_path / "a")),
-                          "no labels", "--labels")
+    assert_one_line_error(
+        planetseg("train", str(nolabels), "--out", str(tmp_path / "a")), "no labels", "--labels"
+    )
     assert_one_line_error(
         planetseg("train", str(small_cube), "--out", str(tmp_path / "b"), "--crop", "36"),
         "--crop 36",
@@ -172,9 +192,10 @@ def test_band_mismatch_between_model_and_cube(small_cube: Path, tmp_path: Path) 
     model_dir = train(small_cube, TrainConfig(out=str(tmp_path / "run"), steps=1, **TINY))
     world = synthesize(tmp_path / "w", config=SynthConfig(size=128))
     two_bands = tmp_path / "two.zarr"
-    ingest(world.items, IngestConfig(out=str(two_bands), bands=("image", "labels"),
-                                     labels="labels", tile=64))
-    assert_one_line_error(planetseg("evaluate", str(model_dir), str(two_bands)),
-                          "bands", "--bands")
+    ingest(
+        world.items,
+        IngestConfig(out=str(two_bands), bands=("image", "labels"), labels="labels", tile=64),
+    )
+    assert_one_line_error(planetseg("evaluate", str(model_dir), str(two_bands)), "bands", "--bands")
     with pytest.raises(CheckpointError):
         load_model(tmp_path)

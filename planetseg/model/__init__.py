@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from planetseg.model.losses import LossWeights, dsrl_loss, feature_affinity_loss
-from planetseg.model.network import DSRLNet, DSRLOutput, NetConfig, SegmentationNet
+from planetseg.model.network import (
+    DSRLNet,
+    DSRLOutput,
+    NetConfig,
+    SegmentationNet,
+    receptive_radius,
+)
 
 __all__ = [
     "DSRLNet",
@@ -13,4 +19,5 @@ __all__ = [
     "SegmentationNet",
     "dsrl_loss",
     "feature_affinity_loss",
+    "receptive_radius",
 ]

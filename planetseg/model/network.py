@@ -19,6 +19,7 @@ which is what is exported and run at inference.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -199,3 +200,28 @@ class DSRLNet(nn.Module):
         net = SegmentationNet(self.config)
         net.load_state_dict(self.seg.state_dict())
         return net.eval()
+
+
+@functools.lru_cache(maxsize=16)
+def receptive_radius(config: NetConfig) -> int:
+    """How far (in input pixels) an output pixel of a ``config`` network sees, measured.
+
+    A fresh network with seeded random weights is fed seeded random input and the gradient of
+    one central output pixel is traced back: the farthest input pixel with a non-zero
+    gradient gives the radius. Tiles read with at least this much halo (rounded up to
+    ``config.divisor``) segment exactly as the whole image would.
+    """
+    size = 64
+    while True:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(0)
+            net = SegmentationNet(config).eval()
+            x = torch.randn(1, config.in_bands, size, size, requires_grad=True)
+            c = size // 2
+            s = config.scale
+            net(x)[0, :, c * s, c * s].sum().backward()
+        ys, xs = torch.nonzero(x.grad[0].abs().sum(0), as_tuple=True)
+        radius = int(max((ys - c).abs().max(), (xs - c).abs().max()))
+        if radius < c - 1:  # the field fits inside the probe: it is the true radius
+            return radius
+        size *= 2

@@ -1,0 +1,678 @@
+"""The ``segment`` stage: the detached model over every tile of a cube, on a Dask cluster.
+
+The cube's imagery is the model's low-resolution input; the labels come out on the cube's
+grid refined by the model's ``scale``. Like ``ingest``, the stage plans first and then executes:
+
+* :func:`plan_segment` reads metadata only (the cube's shape, grid and attributes, the model
+  card) and returns a small picklable :class:`SegmentPlan`. Tasks are never listed: task ``i``
+  is computed from ``i`` (a run of ``batch`` tiles along one tile row of one time step), so
+  planning a cube of a terabyte costs the same as planning a small one.
+* :func:`segment` creates the output store from metadata, then keeps at most ``partition``
+  tasks on the cluster at a time (submitting the next as each finishes), so the scheduler's
+  graph and the client's memory stay bounded whatever the size of the area.
+* A task reads its tiles in one window widened by ``halo`` input pixels on every side, runs
+  the network once on it, and keeps the centre. With a halo of at least the network's
+  receptive radius (the default, measured by :func:`planetseg.model.receptive_radius`) and
+  windows aligned to the encoder's pooling grid, the mosaic equals segmenting the whole image
+  at once: no seams.
+* Workers load the model once, from its directory, keyed and checked by the weights' digest;
+  tasks carry only the path and the digest.
+* Each task touches a marker after writing its chunks; ``planetseg:complete`` is set at the
+  end. A killed run resumes with the missing tasks only; a task that a dying worker lost is
+  re-run by Dask, and re-writing a chunk is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planetseg import __version__
+from planetseg.config import SegmentConfig
+from planetseg.errors import (
+    CatalogReadError,
+    CheckpointError,
+    InvalidArgumentError,
+    MixedBodiesError,
+    PlanetsegWarning,
+    StoreMismatchError,
+)
+from planetseg.store import (
+    cf_attrs,
+    done_markers,
+    drop_partial_writes,
+    get_attr,
+    pixel_centres,
+    progress_dir,
+    set_attrs,
+    transform_from_cf,
+)
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+#: Confidence (the winning class's softmax probability) is stored as uint8 steps of 1/254;
+#: 255 is the fill value of pixels not yet written.
+CONFIDENCE_STEPS = 254
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Everything a segmentation task needs, derived from metadata only.
+
+    Attributes:
+        cube: Path of the input cube.
+        model: Directory of the exported model.
+        digest: The model's weights digest (what workers load and products record).
+        times: Cube time indices to segment.
+        time_values: Their datetimes (ISO 8601).
+        shape: Input height and width (cube pixels).
+        tile: Input tile side (the cube's chunk), in cube pixels.
+        scale: Output pixels per input pixel (the model's scale).
+        halo: Input pixels of context read around each run of tiles.
+        batch: Tiles per task (a run along one tile row).
+        bands: Input band count.
+        dtype: Input dtype.
+        crs_wkt: CRS of the cube and of the output.
+        transform: Affine of the input grid ``(a, b, c, d, e, f)``.
+        classes: Class value -> name (from the model card).
+        threads: Torch threads per task.
+    """
+
+    cube: str
+    model: str
+    digest: str
+    times: tuple[int, ...]
+    time_values: tuple[str, ...]
+    shape: tuple[int, int]
+    tile: int
+    scale: int
+    halo: int
+    batch: int
+    bands: int
+    dtype: str
+    crs_wkt: str
+    transform: tuple[float, ...]
+    classes: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+
+    @property
+    def tiles_yx(self) -> tuple[int, int]:
+        """Tile rows and columns of the input grid."""
+        return math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile)
+
+    @property
+    def runs_per_row(self) -> int:
+        """Tasks per tile row."""
+        return math.ceil(self.tiles_yx[1] / self.batch)
+
+    @property
+    def n_tiles(self) -> int:
+        """Input tiles to segment, over all selected times."""
+        ny, nx = self.tiles_yx
+        return len(self.times) * ny * nx
+
+    @property
+    def n_tasks(self) -> int:
+        """Tasks (runs of up to ``batch`` tiles) over all selected times."""
+        return len(self.times) * self.tiles_yx[0] * self.runs_per_row
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        """Output height and width (``scale`` x the input)."""
+        return self.shape[0] * self.scale, self.shape[1] * self.scale
+
+    @property
+    def out_transform(self) -> tuple[float, ...]:
+        """Affine of the output grid: the input's, with pixels ``scale`` x smaller."""
+        a, b, c, d, e, f = self.transform
+        s = self.scale
+        return (a / s, b / s, c, d / s, e / s, f)
+
+    def task(self, index: int) -> tuple[int, int, int, int]:
+        """Task ``index`` -> (position in ``times``, tile row, first and end tile column)."""
+        per_time = self.tiles_yx[0] * self.runs_per_row
+        t, rest = divmod(index, per_time)
+        iy, run = divmod(rest, self.runs_per_row)
+        ix0 = run * self.batch
+        return t, iy, ix0, min(ix0 + self.batch, self.tiles_yx[1])
+
+    def tiles_of(self, index: int) -> int:
+        """Tiles task ``index`` segments."""
+        _, _, ix0, ix1 = self.task(index)
+        return ix1 - ix0
+
+    def estimate(self, partition: int) -> dict[str, Any]:
+        """The figures ``--dry-run`` prints: counts and bytes, computed, not enumerated."""
+        itemsize = np.dtype(self.dtype).itemsize
+        t, s = self.tile, self.scale
+        window = (t + 2 * self.halo) * (self.batch * t + 2 * self.halo)
+        per_task = (
+            window * self.bands * (itemsize + 4)  # the read window, and as float32
+            + window * s * s * 4 * (len(self.classes) + 2)  # logits, softmax, labels
+        )
+        return {
+            "tiles": self.n_tiles,
+            "tasks": self.n_tasks,
+            "partitions": math.ceil(self.n_tasks / partition),
+            "tasks_in_flight": min(partition, self.n_tasks),
+            "bytes_read": len(self.times) * self.bands * self.shape[0] * self.shape[1] * itemsize,
+            "bytes_written": 2 * len(self.times) * self.out_shape[0] * self.out_shape[1],
+            "bytes_per_task": per_task,
+        }
+
+    def to_json(self) -> str:
+        """JSON form (stored in the output's attributes)."""
+        return json.dumps(asdict(self))
+
+    def same_work(self, other: SegmentPlan) -> bool:
+        """Whether ``other`` writes exactly what this plan writes (``threads`` aside)."""
+        mine, theirs = asdict(self), asdict(other)
+        mine.pop("threads")
+        theirs.pop("threads")
+        return json.loads(json.dumps(mine)) == json.loads(json.dumps(theirs))
+
+    @classmethod
+    def from_json(cls, text: str) -> SegmentPlan:
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        for key in ("times", "time_values", "shape", "transform"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What a :func:`segment` run did.
+
+    Attributes:
+        store: The labels store.
+        plan: The plan executed.
+        computed: Tiles segmented by this run.
+        kept: Tiles already done by an earlier, interrupted run.
+        cogs: COG files written (``--cog``).
+    """
+
+    store: Path
+    plan: SegmentPlan
+    computed: int
+    kept: int
+    cogs: tuple[Path, ...] = ()
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _open_cube(cube: Path) -> Any:
+    import xarray as xr
+
+    if not (cube / "zarr.json").exists():
+        raise CatalogReadError(f"{cube} is not a zarr store: give a cube made by planetseg ingest")
+    try:
+        ds = xr.open_zarr(cube, consolidated=False, decode_times=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CatalogReadError(f"cannot open cube {cube}: {str(exc).splitlines()[0]}") from exc
+    if "image" not in ds or "spatial_ref" not in ds.coords:
+        raise CatalogReadError(f"{cube} is not a planetseg cube (no image or spatial_ref)")
+    if not ds.attrs.get("planetseg:complete"):
+        raise StoreMismatchError(f"cube {cube} is unfinished: re-run its ingest to complete it")
+    return ds
+
+
+def select_times(values: Sequence[str], wanted: Sequence[str]) -> list[int]:
+    """Indices of the wanted times: a date/time prefix (``2020-02``) or an index (``0``, ``-1``).
+
+    Raises:
+        InvalidArgumentError: a time that matches none, or several, of ``values``.
+    """
+    if not wanted:
+        return list(range(len(values)))
+    picked: list[int] = []
+    for w in wanted:
+        w = w.strip()
+        matches = [i for i, v in enumerate(values) if v.startswith(w)]
+        if not matches and w.lstrip("-").isdigit():  # not a date (a year): an index
+            i = int(w)
+            if not -len(values) <= i < len(values):
+                raise InvalidArgumentError(
+                    f"time index {i} is out of range: the cube has {len(values)} time steps"
+                )
+            matches = [i % len(values)]
+        if len(matches) != 1:
+            what = "matches no" if not matches else "matches several"
+            raise InvalidArgumentError(
+                f"--time {w} {what} time step of the cube (it has {', '.join(values)}): "
+                "give a date that picks one, or an index"
+            )
+        if matches[0] not in picked:
+            picked.append(matches[0])
+    return sorted(picked)
+
+
+def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
+    """Check the cube against the model card and plan the work (metadata only).
+
+    Raises:
+        CatalogReadError / StoreMismatchError: not a complete cube.
+        CheckpointError: the model is damaged, or was trained on other bands.
+        MixedBodiesError: the cube is of another body than the model's (unless
+            ``config.any_body``, which warns instead).
+        InvalidArgumentError: bad times, batch, halo or tile size.
+    """
+    from planetseg.export import read_card
+    from planetseg.model import NetConfig, receptive_radius
+
+    cube = Path(cube)
+    ds = _open_cube(cube)
+    card = read_card(config.model)
+    bands = [str(b) for b in ds["band"].values]
+    if bands != card["bands"]:
+        raise CheckpointError(
+            f"the model was trained on bands {card['bands']} but the cube has {bands}: ingest "
+            "the cube with the model's bands (--bands), or use a model trained on these"
+        )
+    body, model_body = ds.attrs.get("planetseg:body", ""), card.get("body", "")
+    if body and model_body and body != model_body:
+        message = f"the model was trained on the {model_body} and the cube is of the {body}"
+        if not config.any_body:
+            raise MixedBodiesError(message + ": pass --any-body to segment it all the same")
+        warnings.warn(message + " (--any-body)", PlanetsegWarning, stacklevel=2)
+    transform = transform_from_cf(dict(ds["spatial_ref"].attrs))
+    expected = card.get("input_resolution")
+    if expected and not math.isclose(abs(transform[0]), expected, rel_tol=0.05):
+        warnings.warn(
+            f"the cube's pixels are {abs(transform[0]):g} units and the model expects "
+            f"{expected:g}: ingest the cube with --resolution {expected:g} for the model's "
+            "best results",
+            PlanetsegWarning,
+            stacklevel=2,
+        )
+    net = NetConfig(**card["net"])
+    tile = int(ds["image"].encoding.get("chunks", ds["image"].shape)[-1])
+    if tile % net.divisor:
+        raise InvalidArgumentError(
+            f"the cube's tiles ({tile} px) are not a multiple of the model's {net.divisor}: "
+            "re-ingest with a --tile that is"
+        )
+    radius = receptive_radius(net)
+    halo = config.halo if config.halo is not None else radius
+    if halo < 0:
+        raise InvalidArgumentError(f"--halo must be >= 0, got {halo}")
+    halo = math.ceil(halo / net.divisor) * net.divisor  # keep windows on the pooling grid
+    if halo < radius:
+        warnings.warn(
+            f"--halo {halo} is less than the model's receptive radius {radius}: tile edges "
+            "may show seams",
+            PlanetsegWarning,
+            stacklevel=2,
+        )
+    if config.batch < 1:
+        raise InvalidArgumentError(f"--batch must be at least 1 tile, got {config.batch}")
+    if config.threads < 1:
+        raise InvalidArgumentError(f"--threads must be at least 1, got {config.threads}")
+    values = [np.datetime_as_string(v, unit="s") for v in ds["time"].values]
+    times = select_times(values, config.times)
+    return SegmentPlan(
+        cube=str(cube.resolve()),
+        model=str(Path(config.model).resolve()),
+        digest=card["digest"],
+        times=tuple(times),
+        time_values=tuple(values[t] for t in times),
+        shape=(int(ds.sizes["y"]), int(ds.sizes["x"])),
+        tile=tile,
+        scale=int(card["scale"]),
+        halo=halo,
+        batch=config.batch,
+        bands=len(bands),
+        dtype=str(ds["image"].dtype),
+        crs_wkt=str(ds["spatial_ref"].attrs["crs_wkt"]),
+        transform=transform,
+        classes=dict(card["classes"]),
+        threads=config.threads,
+    )
+
+
+# --------------------------------------------------------------------------- the worker side
+
+_MODELS: dict[str, tuple[Any, dict[str, Any]]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def worker_model(path: str, digest: str) -> tuple[Any, dict[str, Any]]:
+    """The model of ``digest``, loaded once per process (a per-worker cache).
+
+    Raises:
+        CheckpointError: the directory now holds other weights than the plan's.
+    """
+    from planetseg.export import load_model
+
+    with _MODELS_LOCK:
+        if digest not in _MODELS:
+            net, card = load_model(path)
+            if card["digest"] != digest:
+                raise CheckpointError(
+                    f"{path} now holds model {card['digest'][:19]}..., not the planned "
+                    f"{digest[:19]}...: it changed during the run"
+                )
+            import torch
+
+            if torch.cuda.is_available():  # dask-cuda gives each worker its own GPU as device 0
+                net = net.to("cuda")
+            _MODELS[digest] = (net, card)
+        return _MODELS[digest]
+
+
+def _task_marker(index: int) -> str:
+    return f"task-{index}"
+
+
+def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
+    """Segment task ``index`` of ``plan`` into the store ``out``; return its tile count.
+
+    Runs on a worker: reads one window of the cube (the task's tiles plus the halo), runs the
+    network on it once, writes the centre's labels and confidence chunk by chunk, then
+    touches the task's marker.
+    """
+    import torch
+    import zarr
+
+    from planetseg.evaluate import predict_logits
+
+    torch.set_num_threads(plan.threads)
+    net, card = worker_model(plan.model, plan.digest)
+    t_pos, iy, ix0, ix1 = plan.task(index)
+    h, w = plan.shape
+    tile, halo, s = plan.tile, plan.halo, plan.scale
+    y0, y1 = iy * tile, min((iy + 1) * tile, h)
+    x0, x1 = ix0 * tile, min(ix1 * tile, w)
+    ya, yb = max(y0 - halo, 0), min(y1 + halo, h)
+    xa, xb = max(x0 - halo, 0), min(x1 + halo, w)
+    image = zarr.open_array(plan.cube, path="image", mode="r")
+    window = torch.from_numpy(
+        np.asarray(image[plan.times[t_pos], :, ya:yb, xa:xb], dtype=np.float32)[None]
+    )
+    mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
+    device = next(net.parameters()).device
+    logits = predict_logits(net, ((window - mean) / std).to(device), tile=None)
+    core = logits[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
+    prob = torch.softmax(core.float(), dim=0)
+    confidence, labels = prob.max(dim=0)
+    labels_np = labels.to(torch.uint8).cpu().numpy()
+    conf_np = torch.round(confidence * CONFIDENCE_STEPS).to(torch.uint8).cpu().numpy()
+    labels_out = zarr.open_array(out, path="labels", mode="r+")
+    conf_out = zarr.open_array(out, path="confidence", mode="r+")
+    ys = slice(y0 * s, y1 * s)
+    # One chunk per output tile: write tile by tile so every write is a whole chunk.
+    for ix in range(ix0, ix1):
+        cx0, cx1 = ix * tile * s, min((ix + 1) * tile, w) * s
+        lx = slice(cx0 - x0 * s, cx1 - x0 * s)
+        labels_out[t_pos, ys, cx0:cx1] = labels_np[:, lx]
+        conf_out[t_pos, ys, cx0:cx1] = conf_np[:, lx]
+    (progress_dir(Path(out)) / _task_marker(index)).touch()
+    return ix1 - ix0
+
+
+# --------------------------------------------------------------------------- the driver side
+
+
+def _template(plan: SegmentPlan) -> Any:
+    import dask.array as da
+    import xarray as xr
+
+    h, w = plan.out_shape
+    c = plan.tile * plan.scale
+    n = len(plan.times)
+    coords = {
+        "time": np.array(plan.time_values, dtype="datetime64[ns]"),
+        **pixel_centres(plan.out_transform, plan.out_shape),
+        "spatial_ref": xr.Variable(
+            (), np.int32(0), attrs=cf_attrs(plan.crs_wkt, plan.out_transform)
+        ),
+    }
+    labels = da.zeros((n, h, w), dtype="uint8", chunks=(1, c, c))
+    confidence = da.zeros((n, h, w), dtype="float32", chunks=(1, c, c))
+    order = sorted(plan.classes, key=int)
+    flags = {
+        "flag_values": [int(k) for k in order],
+        "flag_meanings": " ".join(plan.classes[k] for k in order),
+    }
+    ds = xr.Dataset(
+        {
+            "labels": (
+                ("time", "y", "x"),
+                labels,
+                {"grid_mapping": "spatial_ref", "long_name": "class", **flags},
+            ),
+            "confidence": (
+                ("time", "y", "x"),
+                confidence,
+                {"grid_mapping": "spatial_ref", "long_name": "softmax probability of the class"},
+            ),
+        },
+        coords=coords,
+    )
+    ds["x"].attrs.update(standard_name="projection_x_coordinate", axis="X")
+    ds["y"].attrs.update(standard_name="projection_y_coordinate", axis="Y")
+    return ds
+
+
+def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_attrs: dict) -> None:
+    ds = _template(plan)
+    ds.attrs.update(
+        {
+            "planetseg:complete": False,
+            "planetseg:product": "labels",
+            "planetseg:version": __version__,
+            "planetseg:segment": plan.to_json(),
+            "planetseg:model": plan.digest,
+            "planetseg:model_card": json.dumps({k: v for k, v in card.items() if k != "metrics"}),
+            "planetseg:cube": plan.cube,
+            "planetseg:cube_items": json.dumps(cube_attrs.get("planetseg:items", {})),
+            "planetseg:body": cube_attrs.get("planetseg:body", ""),
+            "planetseg:classes": json.dumps(plan.classes),
+            "planetseg:scale": plan.scale,
+        }
+    )
+    c = plan.tile * plan.scale
+    encoding = {
+        "labels": {"chunks": (1, c, c), "fill_value": 0},
+        "confidence": {
+            "chunks": (1, c, c),
+            "dtype": "uint8",
+            "scale_factor": 1.0 / CONFIDENCE_STEPS,
+            "add_offset": 0.0,
+            "_FillValue": 255,
+        },
+    }
+    try:
+        ds.to_zarr(
+            str(store),
+            mode="w",
+            compute=False,
+            zarr_format=3,
+            consolidated=False,
+            encoding=encoding,
+        )
+    except BaseException:
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+
+
+def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
+    """(complete, markers) of an earlier run into ``store``, or (False, empty) if none.
+
+    Raises:
+        StoreMismatchError: the path holds something else, or a run with other settings.
+    """
+    if not (store / "zarr.json").exists():
+        if store.exists() and any(store.iterdir()):
+            raise StoreMismatchError(
+                f"{store} exists and is not a labels store: choose another --out"
+            )
+        return False, set()
+    old = get_attr(store, "planetseg:segment")
+    if old is None:
+        raise StoreMismatchError(f"{store} is not a planetseg labels store: choose another --out")
+    if not SegmentPlan.from_json(old).same_work(plan):
+        raise StoreMismatchError(
+            f"{store} holds a segmentation with other settings (model, cube, times, tile, halo "
+            "or batch): choose another --out, or delete it"
+        )
+    return bool(get_attr(store, "planetseg:complete")), done_markers(store)
+
+
+def _pending(plan: SegmentPlan, done: set[str]) -> Iterator[int]:
+    return (i for i in range(plan.n_tasks) if _task_marker(i) not in done)
+
+
+def segment(
+    cube: str | Path,
+    config: SegmentConfig,
+    *,
+    client: Any = None,
+    progress: Progress | None = None,
+    plan: SegmentPlan | None = None,
+) -> SegmentResult:
+    """Segment every selected tile of ``cube`` into ``config.out`` (resumes an unfinished run).
+
+    Args:
+        cube: A complete cube made by ``ingest``.
+        config: What to segment and how.
+        client: Dask client to compute on; None runs the tasks in this process.
+        progress: Called with (tiles done, tiles total).
+        plan: A plan made by :func:`plan_segment` for ``cube`` and ``config`` (made if None).
+
+    Raises:
+        PlanetsegError: see :func:`plan_segment`; StoreMismatchError if ``config.out`` holds
+            something else.
+    """
+    from planetseg.export import read_card
+
+    plan = plan or plan_segment(cube, config)
+    store = Path(config.out)
+    complete, done = _existing(store, plan)
+    kept = sum(plan.tiles_of(int(m.split("-")[1])) for m in done if m.startswith("task-"))
+    if complete:
+        logger.info("%s is complete: nothing to do", store)
+        return SegmentResult(store, plan, 0, plan.n_tiles, _export_cogs(store, plan, config))
+    if not (store / "zarr.json").exists():
+        _create_store(store, plan, read_card(config.model), _cube_attrs(plan.cube))
+    else:
+        drop_partial_writes(store)
+    progress_dir(store).mkdir(exist_ok=True)
+    total = plan.n_tiles
+    if progress:
+        progress(kept, total)
+    computed = _run(plan, str(store), _pending(plan, done), client, config, progress, kept, total)
+    set_attrs(store, **{"planetseg:complete": True})
+    shutil.rmtree(progress_dir(store), ignore_errors=True)
+    logger.info("%s: %d tiles segmented, %d kept", store, computed, kept)
+    return SegmentResult(store, plan, computed, kept, _export_cogs(store, plan, config))
+
+
+def _cube_attrs(cube: str) -> dict[str, Any]:
+    import zarr
+
+    return dict(zarr.open_group(cube, mode="r").attrs)
+
+
+def partition_size(config: SegmentConfig, client: Any) -> int:
+    """Tasks kept on the cluster at once: ``config.partition``, or 4 per worker thread."""
+    if config.partition is not None:
+        if config.partition < 1:
+            raise InvalidArgumentError(f"--partition must be at least 1, got {config.partition}")
+        return config.partition
+    if client is None:
+        return 1
+    threads = sum(client.nthreads().values()) or 1
+    return max(8, 4 * threads)
+
+
+def _run(
+    plan: SegmentPlan,
+    store: str,
+    pending: Iterator[int],
+    client: Any,
+    config: SegmentConfig,
+    progress: Progress | None,
+    done: int,
+    total: int,
+) -> int:
+    computed = 0
+    if client is None:
+        for index in pending:
+            n = segment_task(plan, index, store)
+            computed += n
+            if progress:
+                progress(done + computed, total)
+        return computed
+    from distributed import as_completed
+
+    limit = partition_size(config, client)
+
+    def submit(index: int) -> Any:
+        # The plan is a few hundred bytes: each task carries it, so any worker (a replacement
+        # for a killed one too) can run any task. The model is never sent: see worker_model.
+        return client.submit(
+            segment_task, plan, index, store, key=f"segment-{plan.digest[-12:]}-{index}"
+        )
+
+    first = [submit(i) for _, i in zip(range(limit), pending, strict=False)]
+    running = as_completed(first)
+    for future in running:
+        n = future.result()
+        future.release()
+        computed += n
+        if progress:
+            progress(done + computed, total)
+        nxt = next(pending, None)
+        if nxt is not None:
+            running.add(submit(nxt))
+    return computed
+
+
+# --------------------------------------------------------------------------- COGs
+
+
+def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple[Path, ...]:
+    if not config.cog:
+        return ()
+    import zarr
+
+    from planetseg.cog import write_cog
+
+    folder = Path(config.cog)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for t_pos, when in enumerate(plan.time_values):
+        stamp = when.replace(":", "").replace("-", "")
+        for name, categorical in (("labels", True), ("confidence", False)):
+            array = zarr.open_array(str(store), path=name, mode="r")
+            path = folder / f"{name}-{stamp}.tif"
+            write_cog(
+                path,
+                lambda ys, xs, a=array, t=t_pos: a[t, ys, xs],
+                shape=plan.out_shape,
+                dtype="uint8",
+                crs_wkt=plan.crs_wkt,
+                transform=plan.out_transform,
+                block=plan.tile * plan.scale,
+                categorical=categorical,
+                nodata=None if categorical else 255,
+                description=name if categorical else f"confidence x {CONFIDENCE_STEPS}",
+                tags={"planetseg_model": plan.digest, "planetseg_time": when},
+            )
+            written.append(path)
+    return tuple(written)
