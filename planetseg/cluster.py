@@ -182,9 +182,12 @@ def _batch_cluster(config: ClusterConfig) -> Iterator[Any]:
     scheduler = {"dashboard_address": _dashboard(config)}
     if not section.get("interface"):
         scheduler["host"] = config.host
-    with dask.config.set({f"jobqueue.{config.kind}.{k}": v for k, v in section.items()}):
-        cluster = cls(scheduler_options=scheduler, silence_logs=logging.ERROR)
-    with cluster:
+    # Jobs read their settings when they are created (at scale(), and again whenever a job is
+    # replaced), so the settings stay in force for the cluster's whole life.
+    with (
+        dask.config.set({f"jobqueue.{config.kind}.{k}": v for k, v in section.items()}),
+        cls(scheduler_options=scheduler, silence_logs=logging.ERROR) as cluster,
+    ):
         cluster.scale(jobs=config.jobs)
         yield cluster
 

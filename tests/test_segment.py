@@ -295,3 +295,39 @@ def test_changed_model_weights_are_refused_by_workers(world: dict[str, Path]) ->
 
     with pytest.raises(CheckpointError, match="changed during the run"):
         worker_model(str(world["model"]), "sha256:" + "0" * 64)
+
+
+@pytest.fixture(scope="module")
+def local_slurm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.slurm import LocalSlurm, missing
+
+    why = missing()
+    if why:
+        pytest.skip(why)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
+        yield slurm
+
+
+@pytest.mark.slurm
+def test_slurm_jobs_equal_the_local_result(
+    world: dict[str, Path], reference: Path, local_slurm: Any, tmp_path: Path
+) -> None:
+    settings = tmp_path / "slurm.yaml"
+    settings.write_text(
+        "jobqueue:\n  slurm:\n    cores: 1\n    processes: 1\n    memory: 2GiB\n"
+        f"    walltime: '00:10:00'\n    log-directory: {tmp_path / 'logs'}\n"
+    )
+    out = tmp_path / "slurm.zarr"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "planetseg.cli", "segment", str(world["lr"]),
+            "--model", str(world["model"]), "--out", str(out), "--batch", "2",
+            "--cluster", "slurm", "--jobs", "2", "--cluster-config", str(settings),
+        ],
+        capture_output=True, text=True, timeout=300, env=local_slurm.env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Dask dashboard: http://127.0.0.1:" in proc.stdout
+    assert list((tmp_path / "logs").glob("*.err")) or list((tmp_path / "logs").iterdir())
+    for a, b in zip(_arrays(out), _arrays(reference), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,294 @@
+"""`planetseg segment` benchmarks, each measured side by side in one run.
+
+1. Throughput (tiles/s): ``segment`` on a 2-worker x 1-thread LocalCluster vs a plain
+   single-process PyTorch loop (2 torch threads) over the same zarr tiles, same model, same
+   halo, writing the same outputs. Repeats alternate the two; the ratio is per repeat.
+2. FLOP/s: the model's FLOPs per tile (torch's FlopCounterMode) x tiles/s, against the
+   machine's dense float32 matmul FLOP/s measured here with the same 2 threads.
+3. Peak RSS of the workers (and of the client) for an area 16 x larger, each size in a fresh
+   process with a fresh cluster.
+4. Planning a virtual 1 TB cube: planning time, tasks, and the tasks held by the scheduler at
+   once (the graph size), with the largest graph observed during run 1 for comparison.
+
+    python benchmarks/bench_segment.py [--size 2048] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from planetseg.cluster import dask_client  # noqa: E402
+from planetseg.config import ClusterConfig, IngestConfig, SegmentConfig, TrainConfig  # noqa: E402
+from planetseg.evaluate import predict_logits  # noqa: E402
+from planetseg.export import load_model  # noqa: E402
+from planetseg.ingest import ingest  # noqa: E402
+from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment  # noqa: E402
+from planetseg.synthetic import SynthConfig, synthesize  # noqa: E402
+from planetseg.train import train  # noqa: E402
+from tests.virtual import virtual_cube  # noqa: E402
+
+
+def make_inputs(root: Path, size: int, tile: int = 256) -> tuple[Path, Path]:
+    """A model (default width/depth, barely trained: speed does not depend on its skill) and
+    the x2-coarser cube of a ``size`` px synthetic world it segments."""
+    world = synthesize(root / f"world{size}", config=SynthConfig(seed=0, size=size))
+    model = root / "run" / "model"
+    if not (model / "model.json").exists():
+        hr = root / "hr.zarr"
+        ingest(world.items, IngestConfig(out=str(hr), labels="labels"))
+        train(hr, TrainConfig(out=str(root / "run"), steps=2, val_every=10**6))
+    lr = root / f"lr{size}-{tile}.zarr"
+    ingest(
+        world.items,
+        IngestConfig(out=str(lr), resolution=1.0, resampling="average", tile=tile),
+    )
+    return model, lr
+
+
+# --------------------------------------------------------------------------- 1. throughput
+
+
+def plain_loop(cube: Path, model: Path, out: Path, halo: int, threads: int) -> int:
+    """The baseline: one process, tile after tile, the same halo and outputs, no Dask."""
+    import zarr
+
+    torch.set_num_threads(threads)
+    net, card = load_model(model)
+    s = card["scale"]
+    mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
+    image = zarr.open_array(str(cube), path="image", mode="r")
+    n_t, _, h, w = image.shape
+    tile = image.chunks[-1]
+    group = zarr.open_group(str(out), mode="w")
+    labels = group.create_array(
+        "labels", shape=(n_t, h * s, w * s), chunks=(1, tile * s, tile * s), dtype="uint8"
+    )
+    conf = group.create_array(
+        "confidence", shape=(n_t, h * s, w * s), chunks=(1, tile * s, tile * s), dtype="uint8"
+    )
+    tiles = 0
+    for t in range(n_t):
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                ya, yb, xa, xb = (
+                    max(y0 - halo, 0),
+                    min(y1 + halo, h),
+                    max(x0 - halo, 0),
+                    min(x1 + halo, w),
+                )
+                window = torch.from_numpy(image[t, :, ya:yb, xa:xb].astype(np.float32)[None])
+                logits = predict_logits(net, (window - mean) / std, tile=None)[0]
+                core = logits[:, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
+                p, c = torch.softmax(core, 0).max(0)
+                labels[t, y0 * s : y1 * s, x0 * s : x1 * s] = c.to(torch.uint8).numpy()
+                conf[t, y0 * s : y1 * s, x0 * s : x1 * s] = (
+                    torch.round(p * CONFIDENCE_STEPS).to(torch.uint8).numpy()
+                )
+                tiles += 1
+    return tiles
+
+
+class GraphWatch:
+    """Samples the scheduler's task count while a run goes on (the graph it holds)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.peak, self._stop = client, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            n = self.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+            self.peak = max(self.peak, n)
+            time.sleep(0.05)
+
+    def __enter__(self) -> GraphWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def throughput(cube: Path, model: Path, root: Path, repeats: int) -> dict[str, Any]:
+    config = SegmentConfig(out="", model=str(model))
+    plan = plan_segment(cube, config)
+    rows = []
+    with dask_client(ClusterConfig(kind="local", workers=2, threads=1)) as client:
+        # Warm up both: worker processes load torch and the model once per cluster, as in use.
+        segment(cube, SegmentConfig(out=str(root / "warm.zarr"), model=str(model)), client=client)
+        peak_graph = 0
+        for r in range(repeats):
+            out = root / f"ps{r}.zarr"
+            t0 = time.perf_counter()
+            with GraphWatch(client) as watch:
+                res = segment(cube, SegmentConfig(out=str(out), model=str(model)), client=client)
+            ps = res.computed / (time.perf_counter() - t0)
+            peak_graph = max(peak_graph, watch.peak)
+            t0 = time.perf_counter()
+            n = plain_loop(cube, model, root / f"plain{r}.zarr", plan.halo, threads=2)
+            plain = n / (time.perf_counter() - t0)
+            rows.append((ps, plain))
+            print(
+                f"  repeat {r}: planetseg {ps:.2f} tiles/s, plain loop {plain:.2f} tiles/s, "
+                f"ratio {ps / plain:.2f}",
+                flush=True,
+            )
+    return {"rows": rows, "tiles": plan.n_tiles, "peak_graph": peak_graph, "plan": plan}
+
+
+# --------------------------------------------------------------------------- 2. FLOP/s
+
+
+def flops(model: Path, plan: Any, tiles_per_s: float) -> dict[str, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, _ = load_model(model)
+    side = plan.tile + 2 * plan.halo  # an interior tile's window (batch 1)
+    x = torch.randn(1, plan.bands, side, side)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    per_window = counter.get_total_flops()
+    # Per tile in a batch-4 task: one window of 4 tiles + halo, i.e. (t+2h) x (4t+2h) / 4.
+    t, h, b = plan.tile, plan.halo, plan.batch
+    per_tile = per_window * (t + 2 * h) * (b * t + 2 * h) / (b * side * side)
+    torch.set_num_threads(2)
+    n = 2048
+    a, bm = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, bm)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, bm)
+        times.append(time.perf_counter() - t0)
+    machine = 2 * n**3 / min(times)
+    achieved = per_tile * tiles_per_s
+    return {"per_tile": per_tile, "achieved": achieved, "machine": machine}
+
+
+# --------------------------------------------------------------------------- 3. peak RSS
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_child(cube: str, model: str, out: str) -> None:
+    """Run in a fresh process: segment on a fresh 2-worker cluster, print peak RSS (MiB)."""
+    with dask_client(ClusterConfig(kind="local", workers=2, threads=1)) as client:
+        res = segment(cube, SegmentConfig(out=out, model=model), client=client)
+        workers = client.run(peak_mib)
+    print(
+        json.dumps(
+            {"tiles": res.computed, "workers_mib": max(workers.values()), "client_mib": peak_mib()}
+        )
+    )
+
+
+def peak_rss(cube: Path, model: Path, out: Path) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(cube), str(model), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- 4. planning 1 TB
+
+
+def plan_terabyte(like: Path, model: Path, root: Path) -> dict[str, Any]:
+    cube = virtual_cube(root / "tb.zarr", like=like, side=2**20, tile=1024)
+    t0 = time.perf_counter()
+    plan = plan_segment(cube, SegmentConfig(out=str(root / "tb-out.zarr"), model=str(model)))
+    seconds = time.perf_counter() - t0
+    est = plan.estimate(partition=8)  # the default for 2 worker threads: max(8, 4 x 2)
+    return {"seconds": seconds, **est}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048, help="HR side of the throughput world")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
+    root = Path(tempfile.mkdtemp(prefix="bench-segment-"))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"torch {torch.__version__}"
+    )
+    model, cube = make_inputs(root, args.size)
+
+    print(f"\n1. throughput: {args.size // 2}^2 px LR cube x 3 epochs, 256 px tiles, model x2")
+    tp = throughput(cube, model, root, args.repeats)
+    ratios = [p / q for p, q in tp["rows"]]
+    ps = statistics.median(p for p, _ in tp["rows"])
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"  planetseg / plain loop = {statistics.median(ratios):.2f} (median; per repeat {each})")
+
+    print("\n2. FLOP/s")
+    f = flops(model, tp["plan"], ps)
+    print(
+        f"  model {f['per_tile'] / 1e9:.2f} GFLOP per tile; achieved {f['achieved'] / 1e9:.1f} "
+        f"GFLOP/s; dense matmul {f['machine'] / 1e9:.1f} GFLOP/s (2 threads); "
+        f"{100 * f['achieved'] / f['machine']:.0f}% of it"
+    )
+
+    print("\n3. peak RSS, area x16 (fresh process and cluster each)")
+    # 128 px tiles, so that even the small area's rows hold a whole task (4 tiles): both
+    # sizes then run the same windows, and only the area differs.
+    _, small = make_inputs(root, 1024, tile=128)
+    _, large = make_inputs(root, 4096, tile=128)
+    a = peak_rss(small, model, root / "rss-small.zarr")
+    b = peak_rss(large, model, root / "rss-large.zarr")
+    print(
+        f"  {a['tiles']} tiles: workers {a['workers_mib']:.0f} MiB, "
+        f"client {a['client_mib']:.0f} MiB"
+    )
+    print(
+        f"  {b['tiles']} tiles: workers {b['workers_mib']:.0f} MiB, "
+        f"client {b['client_mib']:.0f} MiB"
+    )
+    print(
+        f"  ratio x16 / x1: workers {b['workers_mib'] / a['workers_mib']:.2f}, "
+        f"client {b['client_mib'] / a['client_mib']:.2f}"
+    )
+
+    print("\n4. a virtual 1 TB cube (2^20 x 2^20 uint8, 1024 px tiles)")
+    tb = plan_terabyte(cube, model, root)
+    print(
+        f"  planned in {tb['seconds']:.2f} s: {tb['tiles']:,} tiles, {tb['tasks']:,} tasks, "
+        f"{tb['partitions']:,} partitions; graph on the scheduler: at most "
+        f"{tb['tasks_in_flight']} tasks at a time"
+    )
+    print(f"  largest graph observed in run 1 ({tp['tiles']} tiles): {tp['peak_graph']} tasks")
+
+
+if __name__ == "__main__":
+    main()
