@@ -571,7 +571,7 @@ def demo(
     """Run the main job offline on the embedded synthetic world."""
     from planetseg.demo import run_demo
 
-    with _computing("ingest", _cluster(cluster, workers, threads)) as (client, update):
+    with _computing("tiles", _cluster(cluster, workers, threads)) as (client, update):
         result = run_demo(
             out_dir, seed=seed, size=size, steps=steps, client=client, progress=update
         )
@@ -586,6 +586,14 @@ def demo(
     out.print(f"[bold]train[/bold]  DSRL (SR branch + FA loss, detached) -> {result.model}")
     out.print("[bold]evaluate[/bold] on the held-out strip (LR input, HR labels):")
     _print_scores(result.scores)
+    _print_ingest(result.lr_cube)
+    labels = result.labels
+    out.print(
+        f"[bold]segment[/bold] {labels.store}: {labels.computed} tiles segmented, "
+        f"{labels.kept} kept; COGs in {labels.cogs[0].parent if labels.cogs else '-'}"
+    )
+    out.print("        against the true labels on the held-out strip:")
+    _print_scores(result.segment_scores)
 
 
 # --------------------------------------------------------------------------- entry point

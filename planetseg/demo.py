@@ -6,16 +6,22 @@ the outputs are. Stages join here as they land (ingest, train, segment, products
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planetseg.config import IngestConfig, SearchConfig, TrainConfig
+import numpy as np
+
+from planetseg.config import IngestConfig, SearchConfig, SegmentConfig, TrainConfig
+from planetseg.data import spatial_split
 from planetseg.evaluate import evaluate
 from planetseg.ingest import IngestResult, Progress, ingest
 from planetseg.items import write_items
+from planetseg.metrics import confusion_matrix, scores
 from planetseg.search import SearchResult, search
+from planetseg.segment import SegmentResult, segment
 from planetseg.synthetic import SynthConfig, SynthWorld, synthesize
 from planetseg.train import train
 
@@ -33,6 +39,9 @@ class DemoResult:
         cube: The ingested datacube (every epoch, with labels).
         model: The exported segmentation model (trained with the SR branch, then detached).
         scores: The model's scores on the strip of the cube held out from training.
+        lr_cube: The same scenes ingested at the model's input resolution (x scale coarser).
+        labels: The segmentation of ``lr_cube`` (labels on the original grid).
+        segment_scores: ``labels`` against the world's true labels, on the held-out strip.
     """
 
     world: SynthWorld
@@ -41,6 +50,9 @@ class DemoResult:
     cube: IngestResult
     model: Path
     scores: dict[str, Any]
+    lr_cube: IngestResult
+    labels: SegmentResult
+    segment_scores: dict[str, Any]
 
 
 def run_demo(
@@ -58,8 +70,12 @@ def run_demo(
     ``out_dir/items.parquet`` (every epoch's item, found by a local-catalog search) and
     ``out_dir/cube.zarr`` (all epochs with their label rasters), then trains the DSRL network
     on the cube (``out_dir/run/``, exported model in ``out_dir/run/model``) and scores it on the
-    held-out strip. Re-running is cheap: the world is rewritten byte for byte, the complete cube
-    is left as it is, and a finished training run is reused (an interrupted one resumes).
+    held-out strip. Then it does what a user does with a model: ingests the scenes at the
+    model's input resolution (``out_dir/lr.zarr``, pixels averaged ``scale`` x ``scale``),
+    segments them on the cluster (``out_dir/labels.zarr``, back on the original grid, COGs in
+    ``out_dir/cogs``) and scores that against the world's true labels on the held-out strip.
+    Re-running is cheap: the world is rewritten byte for byte, complete stores are left as
+    they are, and a finished training run is reused (interrupted ones resume).
 
     Args:
         out_dir: Where everything goes.
@@ -87,4 +103,43 @@ def run_demo(
         resume = (run / "checkpoint.pt").exists()
         train(cube.store, TrainConfig(out=str(run), steps=steps, threads=2, resume=resume))
     scores = evaluate(model, cube.store, region="val")
-    return DemoResult(world, found, items, cube, model, scores)
+    train_config = TrainConfig(out=str(run))
+    lr_cube = ingest(
+        found.items,
+        IngestConfig(
+            out=str(out / "lr.zarr"),
+            resolution=abs(cube.plan.transform[0]) * train_config.scale,
+            resampling="average",
+            tile=256,
+        ),
+        client=client,
+        progress=progress,
+        provenance=found.provenance(),
+    )
+    labels = segment(
+        lr_cube.store,
+        SegmentConfig(out=str(out / "labels.zarr"), model=str(model), cog=str(out / "cogs")),
+        client=client,
+        progress=progress,
+    )
+    truth = _score_labels(labels.store, cube.store, train_config)
+    return DemoResult(world, found, items, cube, model, scores, lr_cube, labels, truth)
+
+
+def _score_labels(labels: Path, truth_cube: Path, config: TrainConfig) -> dict[str, Any]:
+    """Scores of a labels store against a cube's labels on the training's held-out strip."""
+    import zarr
+
+    pred = zarr.open_array(str(labels), path="labels", mode="r")
+    truth = zarr.open_array(str(truth_cube), path="labels", mode="r")
+    classes = {
+        int(k): v
+        for k, v in json.loads(zarr.open_group(str(labels)).attrs["planetseg:classes"]).items()
+    }
+    n = max(classes) + 1
+    columns = spatial_split(truth.shape[-1], config.val_fraction, multiple=config.crop).val
+    cm = np.zeros((n, n), np.int64)
+    for t in range(pred.shape[0]):
+        expected = truth[t, :, columns] if truth.ndim == 3 else truth[:, columns]
+        cm += confusion_matrix(expected, pred[t, :, columns], n)
+    return scores(cm, classes)
