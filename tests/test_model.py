@@ -111,3 +111,52 @@ def test_bad_config() -> None:
         NetConfig(in_bands=1, num_classes=4, scale=3)
     with pytest.raises(InvalidArgumentError, match="two classes"):
         NetConfig(in_bands=1, num_classes=1)
+
+
+def test_receptive_radius_is_the_halo_that_removes_seams() -> None:
+    from planetseg.evaluate import predict_logits
+    from planetseg.model import SegmentationNet, receptive_radius
+
+    torch.manual_seed(0)
+    net = SegmentationNet(TINY).eval()
+    x = torch.randn(1, 1, 96, 96)
+    whole = predict_logits(net, x, tile=None)
+    radius = receptive_radius(TINY)
+    halo = math.ceil(radius / TINY.divisor) * TINY.divisor
+    tiled = predict_logits(net, x, tile=32, halo=halo)
+    torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
+    short = predict_logits(net, x, tile=32, halo=0)
+    assert (short - whole).abs().max() > 1e-3  # without a halo, tile edges show
+
+
+def test_degradation_at_scale_1_without_psf_is_the_identity() -> None:
+    from planetseg.data import Degradation
+
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(Degradation(1, 0.0)(x), x)
+    assert Degradation(2, 0.5)(x).shape == (2, 3, 8, 8)
+    assert NetConfig(in_bands=1, num_classes=2, scale=1).scale == 1  # the HR-input arm
+
+
+def test_median_frequency_class_weights() -> None:
+    import numpy as np
+
+    from planetseg.data import CubeData
+
+    labels = np.zeros((1, 10, 10), np.int64)
+    labels[0, :2] = 1  # 20 %
+    labels[0, 2:3] = 3  # 10 %, class 2 absent
+    data = CubeData(
+        image=np.zeros((1, 1, 10, 10), np.float32),
+        labels=labels,
+        bands=["b"],
+        classes={0: "a", 1: "b", 2: "c", 3: "d"},
+        resolution=1.0,
+        body="moon",
+        store="",
+    )
+    w = data.class_weights(slice(None))
+    freq = np.array([0.7, 0.2, 0.0, 0.1])
+    assert w[2] == 0
+    present = freq > 0
+    np.testing.assert_allclose(w[present] * freq[present], np.median(freq[present]))
