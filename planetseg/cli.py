@@ -523,6 +523,118 @@ def _print_plan(plan: Any, partition: int | None) -> None:
     )
 
 
+# --------------------------------------------------------------------------- diff, craters
+
+
+@app.command()
+def diff(
+    labels: Annotated[Path, typer.Argument(help="A labels store from `segment`.")],
+    before: Annotated[str, typer.Option(help="First epoch: date prefix or index.")],
+    after: Annotated[str, typer.Option(help="Second epoch: date prefix or index.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    other: Annotated[
+        Path | None, typer.Option(help="Second labels store (same grid) holding --after.")
+    ] = None,
+    min_confidence: Annotated[
+        float, typer.Option(help="Ignore changes where either epoch is less sure (0..1).")
+    ] = 0.0,
+    min_area: Annotated[
+        float, typer.Option(help="Ignore change regions smaller than this (m^2 on the body).")
+    ] = 0.0,
+) -> None:
+    """Change between two epochs: from->to codes, mask, transition table, polygons, quick look."""
+    from planetseg.config import DiffConfig
+    from planetseg.diff import diff as run_diff
+
+    result = run_diff(
+        labels,
+        DiffConfig(
+            out=str(out_dir),
+            before=before,
+            after=after,
+            other=str(other) if other else None,
+            min_confidence=min_confidence,
+            min_area_m2=min_area,
+        ),
+    )
+    table = Table(show_edge=False)
+    for col in ("from", "to", "pixels", "km^2"):
+        table.add_column(col, justify="left" if col in ("from", "to") else "right")
+    for row in result.transitions:
+        if row["changed"]:
+            table.add_row(
+                row["from_class"], row["to_class"], f"{row['pixels']:,}", f"{row['area_km2']:.6g}"
+            )
+    out.print(f"[bold]diff[/bold] {result.before} -> {result.after}:")
+    out.print(table)
+    out.print(
+        f"changed: {result.changed_pixels:,} px, {result.changed_km2:.6g} km^2 -> {result.out}"
+    )
+
+
+@app.command()
+def craters(
+    labels: Annotated[Path, typer.Argument(help="A labels store from `segment`.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Catalog: .parquet or .csv.")],
+    time: Annotated[
+        list[str] | None, typer.Option(help="Time step (index or date prefix); repeatable.")
+    ] = None,
+    crater_class: Annotated[
+        list[str] | None,
+        typer.Option(help="Class name that is a crater; repeatable (default: *crater*)."),
+    ] = None,
+    min_diameter: Annotated[
+        float, typer.Option(help="Smallest crater kept, in pixels of the labels grid.")
+    ] = 3.0,
+    reference: Annotated[
+        Path | None, typer.Option(help="Crater catalog (CSV/Parquet) to score against.")
+    ] = None,
+) -> None:
+    """Extract individual craters (lon, lat, diameter_km, class, confidence, epoch)."""
+    from planetseg.config import CratersConfig
+    from planetseg.craters import craters as run_craters
+
+    result = run_craters(
+        labels,
+        CratersConfig(
+            out=str(out_path),
+            times=tuple(time or ()),
+            crater_classes=tuple(crater_class or ()),
+            min_diameter_px=min_diameter,
+            reference=str(reference) if reference else None,
+        ),
+    )
+    counts = result.table.groupby("class").size().to_dict() if len(result.table) else {}
+    out.print(
+        f"[bold]craters[/bold] {len(result.table)} craters "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items()) or 'none'}) -> {result.out}"
+    )
+    if result.scores is not None:
+        table = Table(show_edge=False)
+        for col in ("size", "reference", "detected", "precision", "recall", "F1", "dD/D", "dx/R"):
+            table.add_column(col, justify="left" if col == "size" else "right")
+
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.1f}"
+
+        def num(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        for name, b in [*result.scores["bins"].items(), ("all", result.scores["all"])]:
+            table.add_row(
+                name,
+                str(b["reference"]),
+                str(b["detected"]),
+                pct(b["precision"]),
+                pct(b["recall"]),
+                pct(b["f1"]),
+                num(b["median_diameter_error"]),
+                num(b["median_position_error_radii"]),
+            )
+        out.print(f"against {reference} (DeepMoon criteria; medians of matched craters):")
+        out.print(table)
+
+
 # --------------------------------------------------------------------------- synth, demo
 
 

@@ -143,6 +143,47 @@ class SegmentConfig:
 
 
 @dataclass(frozen=True)
+class DiffConfig:
+    """What to compare and how strictly (see :mod:`planetseg.diff`).
+
+    Attributes:
+        out: Output folder (replaced as a whole when the run succeeds).
+        before: First epoch: a date prefix or an index of the store.
+        after: Second epoch (of ``other`` if given).
+        other: A second labels store on the same grid holding ``after``; None for the same.
+        min_confidence: Ignore changes where either epoch's confidence is below this (0..1).
+        min_area_m2: Ignore change regions smaller than this many square metres on the body.
+    """
+
+    out: str
+    before: str
+    after: str
+    other: str | None = None
+    min_confidence: float = 0.0
+    min_area_m2: float = 0.0
+
+
+@dataclass(frozen=True)
+class CratersConfig:
+    """How to extract craters from a labels store (see :mod:`planetseg.craters`).
+
+    Attributes:
+        out: Output table, ``.parquet`` (GeoParquet, points in body lon/lat) or ``.csv``.
+        times: Time steps (date prefixes or indices); empty for all.
+        crater_classes: Class names that are craters; empty for every class whose name
+            contains "crater".
+        min_diameter_px: Drop regions smaller than this equivalent diameter (pixels).
+        reference: A crater catalog to score against (planetseg's or craterpy's columns).
+    """
+
+    out: str
+    times: tuple[str, ...] = ()
+    crater_classes: tuple[str, ...] = ()
+    min_diameter_px: float = 3.0
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How to train the DSRL network (defaults: the paper's loss weights, a small model).
 

@@ -231,7 +231,9 @@ def _open_cube(cube: Path) -> Any:
 
 
 def select_times(values: Sequence[str], wanted: Sequence[str]) -> list[int]:
-    """Indices of the wanted times: a date/time prefix (``2020-02``) or an index (``0``, ``-1``).
+    """Indices of the wanted times: an index (``0``, ``-1``) or a date/time prefix (``2020-02``).
+
+    Numbers of up to three digits are indices; ``2014`` is a year.
 
     Raises:
         InvalidArgumentError: a time that matches none, or several, of ``values``.
@@ -242,7 +244,7 @@ def select_times(values: Sequence[str], wanted: Sequence[str]) -> list[int]:
     for w in wanted:
         w = w.strip()
         matches = [i for i, v in enumerate(values) if v.startswith(w)]
-        if not matches and w.lstrip("-").isdigit():  # not a date (a year): an index
+        if w.lstrip("-").isdigit() and len(w.lstrip("-")) < 4:  # an index (4 digits: a year)
             i = int(w)
             if not -len(values) <= i < len(values):
                 raise InvalidArgumentError(

@@ -235,3 +235,33 @@ def synthetic_api(synthetic_world: Any) -> Iterator[tuple[RustacServer, RangeFil
         collection = json.loads(synthetic_world.collection.read_text())
         with RustacServer([(collection, items)]) as api:
             yield api, files
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A trained tiny model (on the HR cube) and the LR cube it segments (x2 coarser).
+
+    A 256 px Moon world (seed 5): ``hr`` its cube with labels (128 px tiles), ``model`` a
+    4-step model trained on it, ``lr`` the same scenes at 1 m (pixels averaged 2 x 2, 32 px
+    tiles: 16 tiles per epoch, 48 in all), ``items`` the world's items.
+    """
+    from planetseg.config import IngestConfig, TrainConfig
+    from planetseg.ingest import ingest
+    from planetseg.synthetic import SynthConfig, synthesize
+    from planetseg.train import train
+
+    root = tmp_path_factory.mktemp("segment")
+    w = synthesize(root / "world", config=SynthConfig(size=256, seed=5))
+    hr = root / "hr.zarr"
+    ingest(w.items, IngestConfig(out=str(hr), labels="labels", tile=128))
+    run = root / "run"
+    train(
+        hr,
+        TrainConfig(out=str(run), steps=4, width=8, depth=2, crop=32, batch_size=4, val_every=1000),
+    )
+    lr = root / "lr.zarr"
+    ingest(
+        w.items,
+        IngestConfig(out=str(lr), resolution=1.0, resampling="average", tile=32),
+    )
+    return {"root": root, "hr": hr, "lr": lr, "model": run / "model", "items": w.items}

@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from planetseg.cluster import dask_client
-from planetseg.config import ClusterConfig, IngestConfig, SegmentConfig, TrainConfig
+from planetseg.config import ClusterConfig, IngestConfig, SegmentConfig
 from planetseg.errors import (
     CheckpointError,
     InvalidArgumentError,
@@ -32,31 +32,8 @@ from planetseg.ingest import ingest
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment
 from planetseg.store import progress_dir
 from planetseg.synthetic import SynthConfig, synthesize
-from planetseg.train import train
 from tests.test_cli import assert_one_line_error, planetseg
 from tests.virtual import virtual_cube
-
-LR_TILE = 32
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A trained tiny model (on the HR cube) and the LR cube it segments (x2 coarser)."""
-    root = tmp_path_factory.mktemp("segment")
-    w = synthesize(root / "world", config=SynthConfig(size=256, seed=5))
-    hr = root / "hr.zarr"
-    ingest(w.items, IngestConfig(out=str(hr), labels="labels", tile=128))
-    run = root / "run"
-    train(
-        hr,
-        TrainConfig(out=str(run), steps=4, width=8, depth=2, crop=32, batch_size=4, val_every=1000),
-    )
-    lr = root / "lr.zarr"
-    ingest(
-        w.items,
-        IngestConfig(out=str(lr), resolution=1.0, resampling="average", tile=LR_TILE),
-    )
-    return {"root": root, "hr": hr, "lr": lr, "model": run / "model", "items": w.items}
 
 
 def _arrays(store: Path) -> tuple[np.ndarray, np.ndarray]:

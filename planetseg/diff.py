@@ -1,0 +1,387 @@
+"""The ``diff`` stage: post-classification change between two epochs of a labels store.
+
+For every pixel the class before and after give a from->to code (``before * n + after``);
+a pixel has *changed* where they differ, unless
+
+* either epoch's confidence is below ``min_confidence`` (the models' own doubt: shadows under
+  another sun are where a segmentation is least sure), or
+* its connected change region (8-connected, same from->to code) covers less than
+  ``min_area_m2`` on the body.
+
+Outputs, all in ``--out``: ``change.tif`` (from->to code, 255 where unchanged),
+``mask.tif`` (1 changed, 0 not), ``transitions.csv`` / ``.json`` (pixels and km^2 per from->to,
+areas on the body's own ellipsoid and projection), ``changes.parquet`` (GeoParquet polygons
+in the body's CRS, one per change region, with from/to classes and area), ``quicklook.png``
+(before / after / change with a legend), and a STAC item + collection describing them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planetseg.config import DiffConfig
+from planetseg.errors import InvalidArgumentError
+from planetseg.products import LabelsStore, product_item, write_product_catalog
+
+logger = logging.getLogger(__name__)
+
+UNCHANGED = 255
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """What :func:`diff` wrote and found.
+
+    Attributes:
+        out: Output folder.
+        before: Datetime of the first epoch.
+        after: Datetime of the second epoch.
+        changed_pixels: Pixels marked changed (after the filters).
+        changed_km2: Their area on the body.
+        transitions: Rows of the transition table.
+        files: Every file written.
+    """
+
+    out: Path
+    before: str
+    after: str
+    changed_pixels: int
+    changed_km2: float
+    transitions: list[dict[str, Any]]
+    files: tuple[Path, ...]
+
+
+def change_mask(
+    before: np.ndarray,
+    after: np.ndarray,
+    *,
+    area_km2: np.ndarray,
+    confidence: tuple[np.ndarray, np.ndarray] | None = None,
+    min_confidence: float = 0.0,
+    min_area_m2: float = 0.0,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(from->to codes, changed mask) after the confidence and minimum-area filters."""
+    from scipy import ndimage
+
+    codes = before.astype(np.int32) * n_classes + after.astype(np.int32)
+    changed = before != after
+    if confidence is not None and min_confidence > 0:
+        c0, c1 = confidence
+        sure = (np.nan_to_num(c0) >= min_confidence) & (np.nan_to_num(c1) >= min_confidence)
+        changed &= sure
+    if min_area_m2 > 0 and changed.any():
+        # Regions of one from->to code: a crater that appears is one region, not its rim and
+        # floor separately merged with a neighbour's other change.
+        regions = np.zeros(changed.shape, np.int64)
+        offset = 0
+        for code in np.unique(codes[changed]):
+            lab, n = ndimage.label(changed & (codes == code), structure=np.ones((3, 3)))
+            regions[lab > 0] = lab[lab > 0] + offset
+            offset += n
+        sizes = np.bincount(regions.ravel(), weights=area_km2.ravel())
+        small = sizes * 1e6 < min_area_m2
+        small[0] = False
+        changed &= ~small[regions]
+    return codes, changed
+
+
+def transition_table(
+    before: np.ndarray,
+    after: np.ndarray,
+    changed: np.ndarray,
+    area_km2: np.ndarray,
+    classes: dict[int, str],
+) -> list[dict[str, Any]]:
+    """Pixels and km^2 per (from, to) over the whole grid; ``changed`` marks kept changes."""
+    n = max(max(classes, default=0), int(before.max(initial=0)), int(after.max(initial=0))) + 1
+    codes = before.astype(np.int64) * n + after.astype(np.int64)
+    kept = np.where(changed | (before == after), codes, -1).ravel()
+    valid = kept >= 0
+    pixels = np.bincount(kept[valid], minlength=n * n)
+    areas = np.bincount(kept[valid], weights=area_km2.ravel()[valid], minlength=n * n)
+    rows = []
+    for code in np.flatnonzero(pixels):
+        f, t = divmod(int(code), n)
+        rows.append(
+            {
+                "from": f,
+                "to": t,
+                "from_class": classes.get(f, str(f)),
+                "to_class": classes.get(t, str(t)),
+                "changed": f != t,
+                "pixels": int(pixels[code]),
+                "area_km2": float(areas[code]),
+            }
+        )
+    return rows
+
+
+def diff(store: str | Path, config: DiffConfig) -> DiffResult:
+    """Compare two epochs (of ``store``, or of ``store`` and ``config.other``) into ``config.out``.
+
+    Raises:
+        CatalogReadError: not a complete labels store.
+        InvalidArgumentError / MixedBodiesError: unknown times, stores on other grids or bodies,
+            bad thresholds.
+    """
+    if not 0 <= config.min_confidence <= 1:
+        raise InvalidArgumentError(f"--min-confidence must be in 0..1, got {config.min_confidence}")
+    if config.min_area_m2 < 0:
+        raise InvalidArgumentError(f"--min-area must be >= 0, got {config.min_area_m2}")
+    first = LabelsStore.open(store)
+    second = LabelsStore.open(config.other) if config.other else first
+    if second is not first:
+        first.same_grid(second)
+    t0 = first.time_index(config.before)
+    t1 = second.time_index(config.after)
+    if second is first and t0 == t1:
+        raise InvalidArgumentError("--before and --after name the same time step: pick two")
+    classes = {**second.classes, **first.classes}
+    n = max([*classes, 0]) + 1
+    before, after = first.read(t0), second.read(t1)
+    confidence = (first.read(t0, "confidence"), second.read(t1, "confidence"))
+    area = first.pixel_area_km2()
+    codes, changed = change_mask(
+        before,
+        after,
+        area_km2=area,
+        confidence=confidence,
+        min_confidence=config.min_confidence,
+        min_area_m2=config.min_area_m2,
+        n_classes=n,
+    )
+    table = transition_table(before, after, changed, area, classes)
+    out = Path(config.out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        files = _write_outputs(
+            staging,
+            first,
+            second,
+            (t0, t1),
+            before,
+            after,
+            codes,
+            changed,
+            area,
+            table,
+            classes,
+            config,
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)  # all or nothing: no half-written product under the real name
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return DiffResult(
+        out,
+        first.times[t0],
+        second.times[t1],
+        int(changed.sum()),
+        float(area[changed].sum()),
+        table,
+        tuple(out / f.name for f in files),
+    )
+
+
+def _write_outputs(
+    folder: Path,
+    first: LabelsStore,
+    second: LabelsStore,
+    times: tuple[int, int],
+    before: np.ndarray,
+    after: np.ndarray,
+    codes: np.ndarray,
+    changed: np.ndarray,
+    area: np.ndarray,
+    table: list[dict[str, Any]],
+    classes: dict[int, str],
+    config: DiffConfig,
+) -> list[Path]:
+    from planetseg.cog import write_cog
+
+    n = max([*classes, 0]) + 1
+    code_raster = np.where(changed, codes, UNCHANGED).astype(np.uint8 if n * n < 255 else np.uint16)
+    grid = {
+        "crs_wkt": first.crs_wkt,
+        "transform": first.transform,
+        "shape": first.shape,
+        "block": 512,
+    }
+    when0, when1 = first.times[times[0]], second.times[times[1]]
+    provenance = {
+        "planetseg_before": f"{first.path}@{when0}",
+        "planetseg_after": f"{second.path}@{when1}",
+        "planetseg_model_before": str(first.attrs.get("planetseg:model", "")),
+        "planetseg_model_after": str(second.attrs.get("planetseg:model", "")),
+    }
+    change_tif = write_cog(
+        folder / "change.tif",
+        lambda ys, xs: code_raster[ys, xs],
+        dtype=str(code_raster.dtype),
+        nodata=UNCHANGED,
+        description="from*n+to class code of changed pixels",
+        tags={**provenance, "planetseg_codes": json.dumps({str(k): v for k, v in classes.items()})},
+        **grid,
+    )
+    mask_tif = write_cog(
+        folder / "mask.tif",
+        lambda ys, xs: changed[ys, xs].astype(np.uint8),
+        dtype="uint8",
+        description="1 changed, 0 unchanged",
+        tags=provenance,
+        **grid,
+    )
+    csv = folder / "transitions.csv"
+    import pandas as pd
+
+    pd.DataFrame(table).to_csv(csv, index=False)
+    (folder / "transitions.json").write_text(json.dumps(table, indent=1))
+    polygons = _polygons(folder / "changes.parquet", codes, changed, area, first, classes, n)
+    png = _quicklook(folder / "quicklook.png", before, after, changed, classes, (when0, when1))
+    item = product_item(
+        f"diff-{when0}-{when1}".replace(":", ""),
+        {
+            "change": {"href": str(change_tif), "roles": ["data"], "title": "from->to codes"},
+            "mask": {"href": str(mask_tif), "roles": ["data"], "title": "change mask"},
+            "polygons": {
+                "href": str(polygons),
+                "type": "application/vnd.apache.parquet",
+                "roles": ["data"],
+                "title": "change polygons (GeoParquet)",
+            },
+            "transitions": {"href": str(csv), "type": "text/csv", "roles": ["metadata"]},
+            "quicklook": {"href": str(png), "type": "image/png", "roles": ["overview"]},
+        },
+        start=when0,
+        end=when1,
+        properties={
+            "planetseg:product": "change",
+            "planetseg:models": sorted(
+                {provenance["planetseg_model_before"], provenance["planetseg_model_after"]}
+            ),
+            "planetseg:labels": sorted({str(first.path.resolve()), str(second.path.resolve())}),
+            "planetseg:min_confidence": config.min_confidence,
+            "planetseg:min_area_m2": config.min_area_m2,
+            "planetseg:changed_km2": float(area[changed].sum()),
+        },
+        collection="planetseg-change",
+        projection_asset="change",
+    )
+    final = Path(config.out).resolve()
+    for asset in item["assets"].values():  # point at where the folder is about to be moved
+        asset["href"] = str(final / Path(asset["href"]).name)
+    write_product_catalog(folder, [item], "planetseg-change", "planetseg change maps")
+    return [change_tif, mask_tif, csv, folder / "transitions.json", polygons, png]
+
+
+def _polygons(
+    path: Path,
+    codes: np.ndarray,
+    changed: np.ndarray,
+    area: np.ndarray,
+    store: LabelsStore,
+    classes: dict[int, str],
+    n: int,
+) -> Path:
+    """Change regions as polygons (GeoParquet, the store's CRS) with classes and body area."""
+    import geopandas as gpd
+    import rasterio.features
+    from affine import Affine
+    from scipy import ndimage
+    from shapely.geometry import shape
+
+    from planetseg.bodies import celestial_proj
+
+    transform = Affine(*store.transform)
+    records, geoms = [], []
+    for code in np.unique(codes[changed]):
+        regions, count = ndimage.label(changed & (codes == code), structure=np.ones((3, 3)))
+        if not count:
+            continue
+        km2 = np.bincount(regions.ravel(), weights=area.ravel(), minlength=count + 1)
+        px = np.bincount(regions.ravel(), minlength=count + 1)
+        parts: dict[int, list[Any]] = {}
+        for geom, value in rasterio.features.shapes(
+            regions.astype(np.int32), mask=regions > 0, transform=transform, connectivity=8
+        ):
+            parts.setdefault(int(value), []).append(shape(geom))
+        f, t = divmod(int(code), n)
+        for region, polys in parts.items():
+            from shapely.ops import unary_union
+
+            geoms.append(unary_union(polys))
+            records.append(
+                {
+                    "from": f,
+                    "to": t,
+                    "from_class": classes.get(f, str(f)),
+                    "to_class": classes.get(t, str(t)),
+                    "pixels": int(px[region]),
+                    "area_km2": float(km2[region]),
+                }
+            )
+    with celestial_proj():
+        frame = gpd.GeoDataFrame(records, geometry=geoms, crs=store.crs_wkt)
+        if frame.empty:
+            frame = gpd.GeoDataFrame(
+                {k: [] for k in ("from", "to", "from_class", "to_class", "pixels", "area_km2")},
+                geometry=[],
+                crs=store.crs_wkt,
+            )
+        frame.to_parquet(path)
+    return path
+
+
+def _quicklook(
+    path: Path,
+    before: np.ndarray,
+    after: np.ndarray,
+    changed: np.ndarray,
+    classes: dict[int, str],
+    when: tuple[str, str],
+) -> Path:
+    """The before, after and change maps side by side, with a class legend (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    n = max([*classes, 0]) + 1
+    palette = plt.get_cmap("tab10")(np.arange(n) % 10)
+    cmap = ListedColormap(palette)
+    step = max(1, max(before.shape) // 1024)  # a quick look, not the product
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), constrained_layout=True)
+    for ax, img, title in (
+        (axes[0], before, f"before {when[0]}"),
+        (axes[1], after, f"after {when[1]}"),
+    ):
+        ax.imshow(img[::step, ::step], cmap=cmap, vmin=-0.5, vmax=n - 0.5, interpolation="nearest")
+        ax.set_title(title)
+    axes[2].imshow(after[::step, ::step], cmap="gray", alpha=0.35, interpolation="nearest")
+    overlay = np.zeros((*changed[::step, ::step].shape, 4))
+    overlay[changed[::step, ::step]] = (0.9, 0.1, 0.1, 1.0)
+    axes[2].imshow(overlay, interpolation="nearest")
+    axes[2].set_title(f"change: {int(changed.sum()):,} px")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(color=palette[k], label=classes.get(k, str(k))) for k in range(n)]
+    handles.append(Patch(color=(0.9, 0.1, 0.1), label="changed"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
