@@ -8,11 +8,16 @@ a pixel has *changed* where they differ, unless
 * its connected change region (8-connected, same from->to code) covers less than
   ``min_area_m2`` on the body.
 
-Outputs, all in ``--out``: ``change.tif`` (from->to code, 255 where unchanged),
-``mask.tif`` (1 changed, 0 not), ``transitions.csv`` / ``.json`` (pixels and km^2 per from->to,
-areas on the body's own ellipsoid and projection), ``changes.parquet`` (GeoParquet polygons
-in the body's CRS, one per change region, with from/to classes and area), ``quicklook.png``
-(before / after / change with a legend), and a STAC item + collection describing them.
+Outputs, all in ``--out``, written to a staging folder and moved into place only when
+complete:
+
+* ``change.tif`` (from->to code, 255 where unchanged) and ``mask.tif`` (1 changed), COGs;
+* ``transitions.csv``: pixels and km^2 per from->to, areas on the body's own ellipsoid and
+  projection (also in the STAC item);
+* ``changes.parquet``: GeoParquet polygons in the body's CRS, one per change region, with
+  from/to classes and area;
+* ``quicklook.png``: before / after / change with a legend;
+* ``items.ndjson`` + ``collection.json``: a STAC item describing them (a local catalog).
 """
 
 from __future__ import annotations
@@ -247,7 +252,6 @@ def _write_outputs(
     import pandas as pd
 
     pd.DataFrame(table).to_csv(csv, index=False)
-    (folder / "transitions.json").write_text(json.dumps(table, indent=1))
     polygons = _polygons(folder / "changes.parquet", codes, changed, area, first, classes, n)
     png = _quicklook(folder / "quicklook.png", before, after, changed, classes, (when0, when1))
     item = product_item(
@@ -275,6 +279,7 @@ def _write_outputs(
             "planetseg:min_confidence": config.min_confidence,
             "planetseg:min_area_m2": config.min_area_m2,
             "planetseg:changed_km2": float(area[changed].sum()),
+            "planetseg:transitions": table,
         },
         collection="planetseg-change",
         projection_asset="change",
@@ -283,7 +288,7 @@ def _write_outputs(
     for asset in item["assets"].values():  # point at where the folder is about to be moved
         asset["href"] = str(final / Path(asset["href"]).name)
     write_product_catalog(folder, [item], "planetseg-change", "planetseg change maps")
-    return [change_tif, mask_tif, csv, folder / "transitions.json", polygons, png]
+    return [change_tif, mask_tif, csv, polygons, png]
 
 
 def _polygons(
