@@ -557,6 +557,10 @@ def diff(
             min_area_m2=min_area,
         ),
     )
+    _print_diff(result)
+
+
+def _print_diff(result: Any) -> None:
     table = Table(show_edge=False)
     for col in ("from", "to", "pixels", "km^2"):
         table.add_column(col, justify="left" if col in ("from", "to") else "right")
@@ -604,6 +608,10 @@ def craters(
             reference=str(reference) if reference else None,
         ),
     )
+    _print_craters(result)
+
+
+def _print_craters(result: Any) -> None:
     counts = result.table.groupby("class").size().to_dict() if len(result.table) else {}
     out.print(
         f"[bold]craters[/bold] {len(result.table)} craters "
@@ -631,7 +639,7 @@ def craters(
                 num(b["median_diameter_error"]),
                 num(b["median_position_error_radii"]),
             )
-        out.print(f"against {reference} (DeepMoon criteria; medians of matched craters):")
+        out.print(f"against {result.reference} (DeepMoon criteria; medians of matched craters):")
         out.print(table)
 
 
@@ -706,6 +714,9 @@ def demo(
     )
     out.print("        against the true labels on the held-out strip:")
     _print_scores(result.segment_scores)
+    for change in result.changes:
+        _print_diff(change)
+    _print_craters(result.craters)
 
 
 # --------------------------------------------------------------------------- entry point

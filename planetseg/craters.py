@@ -52,12 +52,14 @@ class CratersResult:
         out: The catalog file.
         scores: Matching scores against the reference (None without one).
         files: Every file written.
+        reference: The reference catalog scored against, if any.
     """
 
     table: pd.DataFrame
     out: Path
     scores: dict[str, Any] | None
     files: tuple[Path, ...]
+    reference: str | None = None
 
 
 def crater_values(store: LabelsStore, names: tuple[str, ...]) -> dict[int, str]:
@@ -196,7 +198,7 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     if reference is not None:
         scores = score(table, reference, labels, times, nominal_px_km)
     files = _write(out, table, labels, values, config, scores)
-    return CratersResult(table, out, scores, files)
+    return CratersResult(table, out, scores, files, config.reference)
 
 
 def _read_reference(path: str) -> pd.DataFrame:

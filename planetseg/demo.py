@@ -14,8 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from planetseg.config import IngestConfig, SearchConfig, SegmentConfig, TrainConfig
+from planetseg.config import (
+    CratersConfig,
+    DiffConfig,
+    IngestConfig,
+    SearchConfig,
+    SegmentConfig,
+    TrainConfig,
+)
+from planetseg.craters import CratersResult, craters
 from planetseg.data import spatial_split
+from planetseg.diff import DiffResult, diff
 from planetseg.evaluate import evaluate
 from planetseg.ingest import IngestResult, Progress, ingest
 from planetseg.items import write_items
@@ -42,6 +51,8 @@ class DemoResult:
         lr_cube: The same scenes ingested at the model's input resolution (x scale coarser).
         labels: The segmentation of ``lr_cube`` (labels on the original grid).
         segment_scores: ``labels`` against the world's true labels, on the held-out strip.
+        changes: Change products: epoch 0 -> 1 (only the sun moved) and 0 -> 2 (new craters).
+        craters: The crater catalog of every epoch, scored against the world's catalog.
     """
 
     world: SynthWorld
@@ -53,6 +64,8 @@ class DemoResult:
     lr_cube: IngestResult
     labels: SegmentResult
     segment_scores: dict[str, Any]
+    changes: tuple[DiffResult, ...]
+    craters: CratersResult
 
 
 def run_demo(
@@ -74,6 +87,9 @@ def run_demo(
     model's input resolution (``out_dir/lr.zarr``, pixels averaged ``scale`` x ``scale``),
     segments them on the cluster (``out_dir/labels.zarr``, back on the original grid, COGs in
     ``out_dir/cogs``) and scores that against the world's true labels on the held-out strip.
+    Finally the products: change maps from epoch 0 to 1 (only the sun moved: ideally no
+    change) and 0 to 2 (new craters) in ``out_dir/change-0-1`` and ``change-0-2``, and the
+    crater catalog ``out_dir/craters.parquet`` scored against the world's own catalog.
     Re-running is cheap: the world is rewritten byte for byte, complete stores are left as
     they are, and a finished training run is reused (interrupted ones resume).
 
@@ -123,7 +139,28 @@ def run_demo(
         progress=progress,
     )
     truth = _score_labels(labels.store, cube.store, train_config)
-    return DemoResult(world, found, items, cube, model, scores, lr_cube, labels, truth)
+    # Products: changes are kept where both epochs are at least 50 % sure, in regions of at
+    # least 2 m^2 (8 pixels of 0.25 m^2): single-pixel flicker is not a change.
+    changes = tuple(
+        diff(
+            labels.store,
+            DiffConfig(
+                out=str(out / f"change-0-{after}"),
+                before="0",
+                after=str(after),
+                min_confidence=0.5,
+                min_area_m2=2.0,
+            ),
+        )
+        for after in (1, 2)
+    )
+    catalog = craters(
+        labels.store,
+        CratersConfig(out=str(out / "craters.parquet"), reference=str(world.craters)),
+    )
+    return DemoResult(
+        world, found, items, cube, model, scores, lr_cube, labels, truth, changes, catalog
+    )
 
 
 def _score_labels(labels: Path, truth_cube: Path, config: TrainConfig) -> dict[str, Any]:
