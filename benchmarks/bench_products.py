@@ -1,0 +1,145 @@
+"""Products against the synthetic world's exact truth: change detection and crater catalogs.
+
+Runs on the output of ``planetseg demo`` (the world, its labels store from ``segment``, the
+change folders and the crater catalog), and scores:
+
+1. the change mask of epoch 0 -> 1 (only the sun angle differs: every flagged pixel is a false
+   change) and 0 -> 2 (new craters), pixel precision / recall / F1 against the true label
+   rasters' own change, with the demo's filters and without any;
+2. new craters: change regions that turn into a crater class, matched one to one to the
+   craters the world added in epoch 2 (DeepMoon criteria), precision / recall / F1;
+3. the crater catalog's scores per size bin (``craters.scores.json``).
+
+    planetseg demo --out demo-out && python benchmarks/bench_products.py demo-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import rasterio  # noqa: E402
+
+from planetseg.bodies import celestial_proj  # noqa: E402
+from planetseg.config import DiffConfig  # noqa: E402
+from planetseg.craters import match  # noqa: E402
+from planetseg.diff import diff  # noqa: E402
+from planetseg.products import LabelsStore, to_lonlat  # noqa: E402
+
+
+def prf(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
+    tp = int((pred & truth).sum())
+    p = tp / pred.sum() if pred.sum() else None
+    r = tp / truth.sum() if truth.sum() else None
+    f1 = 2 * p * r / (p + r) if p and r else None
+    return {
+        "precision": p,
+        "recall": r,
+        "f1": f1,
+        "flagged": int(pred.sum()),
+        "true": int(truth.sum()),
+    }
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def truth(world: Path, epoch: int) -> np.ndarray:
+    with rasterio.open(world / f"labels-e{epoch:02d}.tif") as src:
+        return src.read(1)
+
+
+def new_craters(change: Path, store: LabelsStore, catalog: pd.DataFrame) -> dict[str, float | None]:
+    import geopandas as gpd
+
+    with celestial_proj():
+        polys = gpd.read_parquet(change / "changes.parquet")
+    crater = polys["to_class"].str.contains("crater") & ~polys["from_class"].str.contains("crater")
+    found = polys[crater]
+    if found.empty:
+        det = pd.DataFrame({"lon": [], "lat": [], "diameter_km": []})
+    else:
+        c = found.geometry.centroid
+        lon, lat = to_lonlat(store.crs_wkt, c.x.to_numpy(), c.y.to_numpy())
+        det = pd.DataFrame(
+            {
+                "lon": lon,
+                "lat": lat,
+                "diameter_km": 2 * np.sqrt(found["area_km2"].to_numpy() / math.pi),
+            }
+        )
+    ref = catalog[catalog["epoch"] == 2].reset_index(drop=True)
+    pairs = match(det, ref, store.body.radius_m / 1000)
+    p = len(pairs) / len(det) if len(det) else None
+    r = len(pairs) / len(ref) if len(ref) else None
+    f1 = 2 * p * r / (p + r) if p and r else None
+    return {"precision": p, "recall": r, "f1": f1, "flagged": len(det), "true": len(ref)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("demo", type=Path, help="output folder of `planetseg demo`")
+    args = parser.parse_args()
+    demo, world = args.demo, args.demo / "world"
+    store = LabelsStore.open(demo / "labels.zarr")
+    catalog = pd.read_csv(world / "craters.csv")
+    t0 = truth(world, 0)
+    print(f"labels {store.path} (model {store.attrs.get('planetseg:model', '')[:19]}...)")
+    print("\n1. change mask vs the true labels' change (pixels, %)")
+    print(f"{'pair':28s}{'filters':>26s}{'flagged':>10s}{'true':>10s}{'P':>7s}{'R':>7s}{'F1':>7s}")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-products-"))
+    for after, what in ((1, "0->1 sun angle only"), (2, "0->2 new craters")):
+        real = t0 != truth(world, after)
+        demo_dir = demo / f"change-0-{after}"
+        raw_dir = scratch / f"raw-{after}"
+        diff(demo / "labels.zarr", DiffConfig(out=str(raw_dir), before="0", after=str(after)))
+        for folder, filters in ((raw_dir, "none"), (demo_dir, "conf>=0.5, area>=2 m^2")):
+            with rasterio.open(folder / "mask.tif") as src:
+                flagged = src.read(1).astype(bool)
+            s = prf(flagged, real)
+            print(
+                f"{what:28s}{filters:>26s}{s['flagged']:>10,}{s['true']:>10,}"
+                f"{fmt(s['precision']):>7s}{fmt(s['recall']):>7s}{fmt(s['f1']):>7s}"
+            )
+        if after == 1:
+            share = flagged.mean()
+            print(f"{'':28s}{'':>26s} false-change share of the scene: {100 * share:.2f}%")
+    print(
+        "\n2. new craters of epoch 2 (change regions turning into a crater class), DeepMoon match"
+    )
+    s = new_craters(demo / "change-0-2", store, catalog)
+    print(
+        f"  true {s['true']}, found {s['flagged']}: precision {fmt(s['precision'])}, "
+        f"recall {fmt(s['recall'])}, F1 {fmt(s['f1'])}"
+    )
+    print("\n3. crater catalog vs the world's catalog (every epoch), DeepMoon criteria")
+    scores = json.loads((demo / "craters.scores.json").read_text())
+    print(
+        f"{'size':10s}{'ref':>7s}{'found':>7s}{'P':>7s}{'R':>7s}{'F1':>7s}{'dD/D':>7s}{'dx/R':>7s}"
+    )
+    for name, b in [*scores["bins"].items(), ("all", scores["all"])]:
+        dd = "-" if b["median_diameter_error"] is None else f"{b['median_diameter_error']:.2f}"
+        dx = (
+            "-"
+            if b["median_position_error_radii"] is None
+            else f"{b['median_position_error_radii']:.2f}"
+        )
+        print(
+            f"{name:10s}{b['reference']:>7d}{b['detected']:>7d}{fmt(b['precision']):>7s}"
+            f"{fmt(b['recall']):>7s}{fmt(b['f1']):>7s}{dd:>7s}{dx:>7s}"
+        )
+    grid_m = scores["pixel_km"] * 1000
+    print(f"(size bins: diameter in pixels of the {grid_m:.2f} m segmentation grid)")
+
+
+if __name__ == "__main__":
+    main()
