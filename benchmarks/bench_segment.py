@@ -2,7 +2,9 @@
 
 1. Throughput (tiles/s): ``segment`` on a 2-worker x 1-thread LocalCluster vs a plain
    single-process PyTorch loop (2 torch threads) over the same zarr tiles, same model, same
-   halo, writing the same outputs. Repeats alternate the two; the ratio is per repeat.
+   halo, writing the same outputs. Repeats alternate the arms; the ratio is per repeat. The
+   workers fold BatchNorm into the convolutions; a third arm runs the plain loop on that
+   folded model too, so the cost of Dask alone is visible.
 2. FLOP/s: the model's FLOPs per tile (torch's FlopCounterMode) x tiles/s, against the
    machine's dense float32 matmul FLOP/s measured here with the same 2 threads.
 3. Peak RSS of the workers (and of the client) for an area 16 x larger, each size in a fresh
@@ -64,12 +66,18 @@ def make_inputs(root: Path, size: int, tile: int = 256) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- 1. throughput
 
 
-def plain_loop(cube: Path, model: Path, out: Path, halo: int, threads: int) -> int:
+def plain_loop(
+    cube: Path, model: Path, out: Path, halo: int, threads: int, fused: bool = False
+) -> int:
     """The baseline: one process, tile after tile, the same halo and outputs, no Dask."""
     import zarr
 
+    from planetseg.model import fuse_for_inference
+
     torch.set_num_threads(threads)
     net, card = load_model(model)
+    if fused:
+        net = fuse_for_inference(net)
     s = card["scale"]
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
@@ -146,10 +154,13 @@ def throughput(cube: Path, model: Path, root: Path, repeats: int) -> dict[str, A
             t0 = time.perf_counter()
             n = plain_loop(cube, model, root / f"plain{r}.zarr", plan.halo, threads=2)
             plain = n / (time.perf_counter() - t0)
-            rows.append((ps, plain))
+            t0 = time.perf_counter()
+            n = plain_loop(cube, model, root / f"fused{r}.zarr", plan.halo, threads=2, fused=True)
+            fused = n / (time.perf_counter() - t0)
+            rows.append((ps, plain, fused))
             print(
-                f"  repeat {r}: planetseg {ps:.2f} tiles/s, plain loop {plain:.2f} tiles/s, "
-                f"ratio {ps / plain:.2f}",
+                f"  repeat {r}: planetseg {ps:.2f} tiles/s, plain loop {plain:.2f}, plain loop "
+                f"on the folded model {fused:.2f}; ratios {ps / plain:.2f}, {ps / fused:.2f}",
                 flush=True,
             )
     return {"rows": rows, "tiles": plan.n_tiles, "peak_graph": peak_graph, "plan": plan}
@@ -233,6 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048, help="HR side of the throughput world")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -247,10 +259,11 @@ def main() -> None:
 
     print(f"\n1. throughput: {args.size // 2}^2 px LR cube x 3 epochs, 256 px tiles, model x2")
     tp = throughput(cube, model, root, args.repeats)
-    ratios = [p / q for p, q in tp["rows"]]
-    ps = statistics.median(p for p, _ in tp["rows"])
-    each = ", ".join(f"{r:.2f}" for r in ratios)
-    print(f"  planetseg / plain loop = {statistics.median(ratios):.2f} (median; per repeat {each})")
+    ps = statistics.median(row[0] for row in tp["rows"])
+    for k, name in ((1, "plain loop"), (2, "plain loop on the folded model")):
+        ratios = [row[0] / row[k] for row in tp["rows"]]
+        each = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"  planetseg / {name} = {statistics.median(ratios):.2f} (median; {each})")
 
     print("\n2. FLOP/s")
     f = flops(model, tp["plan"], ps)
@@ -260,6 +273,20 @@ def main() -> None:
         f"{100 * f['achieved'] / f['machine']:.0f}% of it"
     )
 
+    if 3 in args.parts:
+        peak_rss_part(root, model)
+    if 4 in args.parts:
+        print("\n4. a virtual 1 TB cube (2^20 x 2^20 uint8, 1024 px tiles)")
+        tb = plan_terabyte(cube, model, root)
+        print(
+            f"  planned in {tb['seconds']:.2f} s: {tb['tiles']:,} tiles, {tb['tasks']:,} tasks, "
+            f"{tb['partitions']:,} partitions; graph on the scheduler: at most "
+            f"{tb['tasks_in_flight']} tasks at a time"
+        )
+        print(f"  largest graph observed in run 1 ({tp['tiles']} tiles): {tp['peak_graph']} tasks")
+
+
+def peak_rss_part(root: Path, model: Path) -> None:
     print("\n3. peak RSS, area x16 (fresh process and cluster each)")
     # 128 px tiles, so that even the small area's rows hold a whole task (4 tiles): both
     # sizes then run the same windows, and only the area differs.
@@ -279,15 +306,6 @@ def main() -> None:
         f"  ratio x16 / x1: workers {b['workers_mib'] / a['workers_mib']:.2f}, "
         f"client {b['client_mib'] / a['client_mib']:.2f}"
     )
-
-    print("\n4. a virtual 1 TB cube (2^20 x 2^20 uint8, 1024 px tiles)")
-    tb = plan_terabyte(cube, model, root)
-    print(
-        f"  planned in {tb['seconds']:.2f} s: {tb['tiles']:,} tiles, {tb['tasks']:,} tasks, "
-        f"{tb['partitions']:,} partitions; graph on the scheduler: at most "
-        f"{tb['tasks_in_flight']} tasks at a time"
-    )
-    print(f"  largest graph observed in run 1 ({tp['tiles']} tiles): {tp['peak_graph']} tasks")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,18 @@ def test_median_frequency_class_weights() -> None:
     assert w[2] == 0
     present = freq > 0
     np.testing.assert_allclose(w[present] * freq[present], np.median(freq[present]))
+
+
+def test_fused_network_computes_the_same_function() -> None:
+    from planetseg.model import SegmentationNet, fuse_for_inference
+
+    torch.manual_seed(1)
+    net = SegmentationNet(TINY)
+    net.train()
+    net(torch.randn(4, 1, 32, 32))  # give the BatchNorms running statistics of their own
+    net.eval()
+    fused = fuse_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ from planetseg.errors import (
 from planetseg.evaluate import predict_logits
 from planetseg.export import load_model
 from planetseg.ingest import ingest
+from planetseg.model import fuse_for_inference
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment
 from planetseg.store import progress_dir
 from planetseg.synthetic import SynthConfig, synthesize
@@ -51,6 +52,7 @@ def reference(world: dict[str, Path]) -> Path:
 
 def test_mosaic_equals_whole_image(world: dict[str, Path], reference: Path) -> None:
     net, card = load_model(world["model"])
+    net = fuse_for_inference(net)  # what the workers run
     image = zarr.open_group(str(world["lr"]), mode="r")["image"][:].astype(np.float32)
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)

@@ -8,6 +8,7 @@ from planetseg.model.network import (
     DSRLOutput,
     NetConfig,
     SegmentationNet,
+    fuse_for_inference,
     receptive_radius,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "SegmentationNet",
     "dsrl_loss",
     "feature_affinity_loss",
+    "fuse_for_inference",
     "receptive_radius",
 ]
