@@ -129,7 +129,15 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     assert [it["id"] for it in read_items(out / "items.parquet")] == [
         f"synthetic-moon-e0{k}" for k in range(3)
     ]
+    labels = xr.open_zarr(out / "labels.zarr", consolidated=False)
+    assert labels.attrs["planetseg:complete"] is True
+    assert dict(labels.sizes) == {"time": 3, "y": 512, "x": 512}  # the LR cube x 2
+    assert (out / "change-0-1" / "quicklook.png").exists()
+    assert (out / "change-0-2" / "changes.parquet").exists()
+    assert (out / "craters.parquet").exists() and (out / "craters.scores.json").exists()
+    assert "craters" in first.stdout and "diff" in first.stdout
     again = planetseg(*args)
     assert again.returncode == 0, again.stderr
     assert "tiles: 0 written" in again.stdout
+    assert "0 tiles segmented, 3 kept" in " ".join(again.stdout.split())
     assert "mIoU" in again.stdout

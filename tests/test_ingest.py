@@ -675,7 +675,7 @@ def test_fill_missing_completes_with_a_warning_and_nodata(
     no_complete_store(store)
     proc = planetseg(*args, "--fill-missing")
     assert proc.returncode == 0, proc.stderr
-    assert "PlanetsegWarning" in proc.stderr and items[1]["id"] in proc.stderr
+    assert "planetseg: warning: " in proc.stderr and items[1]["id"] in proc.stderr
     assert "Traceback" not in proc.stderr
     assert store_attrs(store)["planetseg:complete"] is True
     cube = open_cube(store)

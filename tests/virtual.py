@@ -35,11 +35,16 @@ def virtual_cube(path: Path, *, like: Path, side: int, tile: int, times: int = 1
         ),
     }
     shape = (times, len(bands), side, side)
-    image = da.zeros(shape, dtype=src["image"].dtype, chunks=(1, len(bands), tile, tile))
+    # One dask chunk (one graph node): to_zarr(compute=False) writes metadata only, and a
+    # graph of a million zarr-sized chunks would cost minutes to build for nothing.
+    image = da.zeros(shape, dtype=src["image"].dtype, chunks=shape)
     ds = xr.Dataset(
         {"image": (("time", "band", "y", "x"), image, {"grid_mapping": "spatial_ref"})},
         coords=coords,
         attrs={**src.attrs, "planetseg:complete": True},
     )
-    ds.to_zarr(str(path), mode="w", compute=False, zarr_format=3, consolidated=False)
+    encoding = {"image": {"chunks": (1, len(bands), tile, tile)}}
+    ds.to_zarr(
+        str(path), mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding
+    )
     return path
