@@ -5,7 +5,7 @@ change folders and the crater catalog), and scores:
 
 1. the change mask of epoch 0 -> 1 (only the sun angle differs: every flagged pixel is a false
    change) and 0 -> 2 (new craters), pixel precision / recall / F1 against the true label
-   rasters' own change, with the demo's filters and without any;
+   rasters' own change, for several confidence / minimum-area filters;
 2. new craters: change regions that turn into a crater class, matched one to one to the
    craters the world added in epoch 2 (DeepMoon criteria), precision / recall / F1;
 3. the crater catalog's scores per size bin (``craters.scores.json``).
@@ -94,28 +94,31 @@ def main() -> None:
     catalog = pd.read_csv(world / "craters.csv")
     t0 = truth(world, 0)
     print(f"labels {store.path} (model {store.attrs.get('planetseg:model', '')[:19]}...)")
-    print("\n1. change mask vs the true labels' change (pixels, %)")
-    print(f"{'pair':28s}{'filters':>26s}{'flagged':>10s}{'true':>10s}{'P':>7s}{'R':>7s}{'F1':>7s}")
+    print("\n1. change mask vs the true labels' change (pixels, %), by filter setting")
+    print(f"{'pair':22s}{'filters':>24s}{'flagged':>10s}{'true':>8s}{'P':>7s}{'R':>7s}{'F1':>7s}")
     scratch = Path(tempfile.mkdtemp(prefix="bench-products-"))
+    settings = [(0.0, 0.0), (0.5, 2.0), (0.7, 2.0), (0.9, 2.0), (0.9, 8.0)]
     for after, what in ((1, "0->1 sun angle only"), (2, "0->2 new craters")):
         real = t0 != truth(world, after)
-        demo_dir = demo / f"change-0-{after}"
-        raw_dir = scratch / f"raw-{after}"
-        diff(demo / "labels.zarr", DiffConfig(out=str(raw_dir), before="0", after=str(after)))
-        for folder, filters in ((raw_dir, "none"), (demo_dir, "conf>=0.5, area>=2 m^2")):
+        for conf, area in settings:
+            folder = scratch / f"{after}-{conf}-{area}"
+            cfg = DiffConfig(
+                out=str(folder), before="0", after=str(after), min_confidence=conf, min_area_m2=area
+            )
+            diff(demo / "labels.zarr", cfg)
             with rasterio.open(folder / "mask.tif") as src:
                 flagged = src.read(1).astype(bool)
             s = prf(flagged, real)
+            share = f"  ({100 * flagged.mean():.2f}% of the scene)" if after == 1 else ""
             print(
-                f"{what:28s}{filters:>26s}{s['flagged']:>10,}{s['true']:>10,}"
-                f"{fmt(s['precision']):>7s}{fmt(s['recall']):>7s}{fmt(s['f1']):>7s}"
+                f"{what:22s}{f'conf>={conf:g}, area>={area:g} m2':>24s}{s['flagged']:>10,}"
+                f"{s['true']:>8,}{fmt(s['precision']):>7s}{fmt(s['recall']):>7s}"
+                f"{fmt(s['f1']):>7s}{share}"
             )
-        if after == 1:
-            share = flagged.mean()
-            print(f"{'':28s}{'':>26s} false-change share of the scene: {100 * share:.2f}%")
     print(
         "\n2. new craters of epoch 2 (change regions turning into a crater class), DeepMoon match"
     )
+    print("   (the demo's change-0-2 folder: confidence >= 0.7, area >= 2 m2)")
     s = new_craters(demo / "change-0-2", store, catalog)
     print(
         f"  true {s['true']}, found {s['flagged']}: precision {fmt(s['precision'])}, "

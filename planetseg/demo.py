@@ -139,7 +139,7 @@ def run_demo(
         progress=progress,
     )
     truth = _score_labels(labels.store, cube.store, train_config)
-    # Products: changes are kept where both epochs are at least 50 % sure, in regions of at
+    # Products: changes are kept where both epochs are at least 70 % sure, in regions of at
     # least 2 m^2 (8 pixels of 0.25 m^2): single-pixel flicker is not a change.
     changes = tuple(
         diff(
@@ -148,7 +148,7 @@ def run_demo(
                 out=str(out / f"change-0-{after}"),
                 before="0",
                 after=str(after),
-                min_confidence=0.5,
+                min_confidence=0.7,
                 min_area_m2=2.0,
             ),
         )
