@@ -38,6 +38,8 @@ from planetseg.products import LabelsStore, product_item, write_product_catalog
 logger = logging.getLogger(__name__)
 
 UNCHANGED = 255
+#: Quick-look colour of changed pixels: magenta, which no class of the tab10 palette uses.
+CHANGED_RGBA = (1.0, 0.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -378,14 +380,14 @@ def _quicklook(
         ax.set_title(title)
     axes[2].imshow(after[::step, ::step], cmap="gray", alpha=0.35, interpolation="nearest")
     overlay = np.zeros((*changed[::step, ::step].shape, 4))
-    overlay[changed[::step, ::step]] = (0.9, 0.1, 0.1, 1.0)
+    overlay[changed[::step, ::step]] = CHANGED_RGBA
     axes[2].imshow(overlay, interpolation="nearest")
     axes[2].set_title(f"change: {int(changed.sum()):,} px")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [Patch(color=palette[k], label=classes.get(k, str(k))) for k in range(n)]
-    handles.append(Patch(color=(0.9, 0.1, 0.1), label="changed"))
+    handles.append(Patch(color=CHANGED_RGBA, label="changed"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.savefig(path, dpi=80)
     plt.close(fig)
