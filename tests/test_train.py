@@ -75,7 +75,12 @@ def _losses(run: Path, key: str = "loss") -> list[float]:
 def test_two_processes_learn_like_one(small_cube: Path, tmp_path: Path) -> None:
     curves = {}
     for n in (1, 2):
-        train(small_cube, TrainConfig(out=str(tmp_path / f"n{n}"), steps=80, nproc=n, **TINY))
+        # Unweighted CE: its level is comparable across runs and falls fast enough in 80 steps
+        # (the weighted default emphasises the rare crater classes and falls more slowly).
+        config = TrainConfig(
+            out=str(tmp_path / f"n{n}"), steps=80, nproc=n, class_weights="none", **TINY
+        )
+        train(small_cube, config)
         curves[n] = _losses(tmp_path / f"n{n}", "ce")
     # Same shape: both fall by a similar factor and end at a similar level (the ranks see
     # different windows, so the curves are not identical).
