@@ -22,6 +22,12 @@ def planetseg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
     )
 
 
+def start_planetseg(*args: str, **popen: object) -> subprocess.Popen:
+    """The console script started in the background (stdout piped, as text unless told)."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "planetseg.cli", *args], **options)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
     assert proc.returncode != 0, proc.stdout
     lines = proc.stderr.strip().splitlines()

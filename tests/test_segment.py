@@ -33,7 +33,7 @@ from planetseg.model import fuse_for_inference
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment
 from planetseg.store import progress_dir
 from planetseg.synthetic import SynthConfig, synthesize
-from tests.test_cli import assert_one_line_error, planetseg
+from tests.test_cli import assert_one_line_error, planetseg, start_planetseg
 from tests.virtual import virtual_cube
 
 
@@ -125,11 +125,7 @@ def test_kill_and_resume_computes_only_the_rest(world: dict[str, Path], referenc
         "segment", str(world["lr"]), "--model", str(world["model"]), "--out", str(out),
         "--batch", "1", "--cluster", "none",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "planetseg.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_planetseg(*args)
     marks = progress_dir(out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -156,12 +152,7 @@ def test_dashboard_answers_while_running(world: dict[str, Path], tmp_path: Path)
         "--out", str(tmp_path / "dash.zarr"), "--batch", "1", "--partition", "1",
         "--workers", "1", "--threads", "1",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "planetseg.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = start_planetseg(*args, stderr=subprocess.DEVNULL)
     try:
         line = proc.stdout.readline()
         assert line.startswith("Dask dashboard: http://127.0.0.1:"), line
