@@ -357,6 +357,10 @@ def train(
     class_weights: Annotated[
         str, typer.Option(help="balanced (median-frequency) or none: cross-entropy weights.")
     ] = "balanced",
+    psf_sigma: Annotated[
+        float, typer.Option(help="Degradation PSF sigma in LR pixels (0: box average only).")
+    ] = 0.5,
+    noise: Annotated[float, typer.Option(help="Degradation noise (normalised units).")] = 0.0,
     width: Annotated[int, typer.Option(help="Channels of the first encoder level.")] = 16,
     depth: Annotated[int, typer.Option(help="Encoder levels.")] = 3,
     nproc: Annotated[int, typer.Option(help="DDP processes on this node.")] = 1,
@@ -381,6 +385,8 @@ def train(
         w_sr=w_sr,
         w_fa=w_fa,
         class_weights=class_weights,
+        psf_sigma=psf_sigma,
+        noise=noise,
         width=width,
         depth=depth,
         nproc=nproc,
