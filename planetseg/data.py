@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +118,29 @@ class CubeData:
         return mean.tolist(), np.maximum(std, 1e-6).tolist()
 
 
+def open_cube_dataset(path: str | Path) -> Any:
+    """A complete cube made by ``ingest``, opened lazily (an xarray Dataset, nothing read).
+
+    Raises:
+        CatalogReadError: not a zarr store, unreadable, or without ``image`` and its grid.
+        StoreMismatchError: the cube is unfinished.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise CatalogReadError(f"{path} is not a zarr store: give a cube made by planetseg ingest")
+    try:
+        ds = xr.open_zarr(path, consolidated=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CatalogReadError(f"cannot open cube {path}: {str(exc).splitlines()[0]}") from exc
+    if "image" not in ds or "spatial_ref" not in ds.coords:
+        raise CatalogReadError(f"{path} is not a planetseg cube (no image or spatial_ref)")
+    if not ds.attrs.get("planetseg:complete"):
+        raise StoreMismatchError(f"cube {path} is unfinished: re-run its ingest to complete it")
+    return ds
+
+
 def open_cube(path: str | Path) -> CubeData:
     """Read a complete cube with labels into memory for training or evaluation.
 
@@ -125,17 +149,8 @@ def open_cube(path: str | Path) -> CubeData:
         StoreMismatchError: the cube is unfinished.
         InvalidArgumentError: it has no labels, or is too large to hold in memory.
     """
-    import xarray as xr
-
     path = Path(path)
-    try:
-        ds = xr.open_zarr(path, consolidated=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CatalogReadError(f"cannot open cube {path}: {str(exc).splitlines()[0]}") from exc
-    if "image" not in ds:
-        raise CatalogReadError(f"{path} is not a planetseg cube (no image variable)")
-    if not ds.attrs.get("planetseg:complete"):
-        raise StoreMismatchError(f"cube {path} is unfinished: re-run its ingest to complete it")
+    ds = open_cube_dataset(path)
     if "labels" not in ds:
         raise InvalidArgumentError(
             f"cube {path} has no labels: ingest it with --labels (a label asset or a crater "

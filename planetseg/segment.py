@@ -41,7 +41,6 @@ import numpy as np
 from planetseg import __version__
 from planetseg.config import SegmentConfig
 from planetseg.errors import (
-    CatalogReadError,
     CheckpointError,
     InvalidArgumentError,
     MixedBodiesError,
@@ -215,22 +214,6 @@ class SegmentResult:
 # --------------------------------------------------------------------------- planning
 
 
-def _open_cube(cube: Path) -> Any:
-    import xarray as xr
-
-    if not (cube / "zarr.json").exists():
-        raise CatalogReadError(f"{cube} is not a zarr store: give a cube made by planetseg ingest")
-    try:
-        ds = xr.open_zarr(cube, consolidated=False, decode_times=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CatalogReadError(f"cannot open cube {cube}: {str(exc).splitlines()[0]}") from exc
-    if "image" not in ds or "spatial_ref" not in ds.coords:
-        raise CatalogReadError(f"{cube} is not a planetseg cube (no image or spatial_ref)")
-    if not ds.attrs.get("planetseg:complete"):
-        raise StoreMismatchError(f"cube {cube} is unfinished: re-run its ingest to complete it")
-    return ds
-
-
 def select_times(values: Sequence[str], wanted: Sequence[str]) -> list[int]:
     """Indices of the wanted times: an index (``0``, ``-1``) or a date/time prefix (``2020-02``).
 
@@ -273,11 +256,12 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
             ``config.any_body``, which warns instead).
         InvalidArgumentError: bad times, batch, halo or tile size.
     """
+    from planetseg.data import open_cube_dataset
     from planetseg.export import read_card
     from planetseg.model import NetConfig, receptive_radius
 
     cube = Path(cube)
-    ds = _open_cube(cube)
+    ds = open_cube_dataset(cube)
     card = read_card(config.model)
     bands = [str(b) for b in ds["band"].values]
     if bands != card["bands"]:
