@@ -34,6 +34,7 @@ import pandas as pd
 
 from planetseg.config import CratersConfig
 from planetseg.errors import InvalidArgumentError
+from planetseg.labels import read_crater_catalog
 from planetseg.products import LabelsStore
 
 #: DeepMoon's thresholds (squared position / radius, relative radius).
@@ -156,7 +157,7 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
         raise InvalidArgumentError(f"--out {out}: the catalog must end in .parquet or .csv")
     labels = LabelsStore.open(store)
     values = crater_values(labels, config.crater_classes)
-    reference = _read_reference(config.reference) if config.reference else None
+    reference = read_crater_catalog(config.reference).table if config.reference else None
     times = select_times(labels.times, config.times)
     area = labels.pixel_area_km2()
     nominal_px_km = math.sqrt(float(np.median(area)))
@@ -199,18 +200,6 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
         scores = score(table, reference, labels, times, nominal_px_km)
     files = _write(out, table, labels, values, config, scores)
     return CratersResult(table, out, scores, files, config.reference)
-
-
-def _read_reference(path: str) -> pd.DataFrame:
-    from planetseg.labels import read_crater_catalog
-
-    catalog = read_crater_catalog(path)
-    table = catalog.table.copy()
-    raw = pd.read_parquet(path) if path.lower().endswith(".parquet") else pd.read_csv(path)
-    epoch = next((c for c in raw.columns if c.strip().lower() == "epoch"), None)
-    if epoch is not None:
-        table["epoch"] = pd.to_numeric(raw[epoch], errors="coerce").fillna(0).astype(int).values
-    return table
 
 
 def _great_circle_km(lon1, lat1, lon2, lat2, radius_km: float) -> np.ndarray:  # noqa: ANN001
@@ -278,33 +267,32 @@ def score(
     col, row = (np.asarray(x) - c) / a, (np.asarray(y) - f) / e
     inside = reference[(col >= 0) & (col < w) & (row >= 0) & (row < h)].reset_index(drop=True)
     radius_km = store.body.radius_m / 1000
-    det_bins, ref_bins, matched = [], [], []
+    # Per crater, over every time step: its size bin and whether it was matched.
+    dbin, dhit, rbin, rhit, matched = [], [], [], [], []
     for t in times:
         det = table[table["epoch"] == t].reset_index(drop=True)
         ref = inside[inside["epoch"] <= t] if "epoch" in inside else inside
         ref = ref.reset_index(drop=True)
-        pairs = match(det, ref, radius_km)
-        det_bins.append(np.digitize(det["diameter_km"] / px_km, SIZE_BINS) - 1)
-        ref_bins.append(np.digitize(ref["diameter_km"] / px_km, SIZE_BINS) - 1)
+        ref_bins = np.digitize(ref["diameter_km"] / px_km, SIZE_BINS) - 1
         det_hit = np.zeros(len(det), bool)
         ref_hit = np.zeros(len(ref), bool)
-        for i, j, dist in pairs:
+        for i, j, dist in match(det, ref, radius_km):
             det_hit[i] = ref_hit[j] = True
             d_ref = ref["diameter_km"].iat[j]
             matched.append(
                 {
-                    "bin": int(np.digitize(d_ref / px_km, SIZE_BINS) - 1),
+                    "bin": int(ref_bins[j]),
                     "diameter_error": abs(det["diameter_km"].iat[i] - d_ref) / d_ref,
                     "position_error_km": dist,
                     "position_error_radii": dist / (d_ref / 2),
                 }
             )
-        det_bins[-1] = (det_bins[-1], det_hit)
-        ref_bins[-1] = (ref_bins[-1], ref_hit)
-    dbin = np.concatenate([b for b, _ in det_bins]) if det_bins else np.array([], int)
-    dhit = np.concatenate([h for _, h in det_bins]) if det_bins else np.array([], bool)
-    rbin = np.concatenate([b for b, _ in ref_bins]) if ref_bins else np.array([], int)
-    rhit = np.concatenate([h for _, h in ref_bins]) if ref_bins else np.array([], bool)
+        dbin.append(np.digitize(det["diameter_km"] / px_km, SIZE_BINS) - 1)
+        dhit.append(det_hit)
+        rbin.append(ref_bins)
+        rhit.append(ref_hit)
+    dbin, rbin = (np.concatenate([np.zeros(0, int), *b]) for b in (dbin, rbin))
+    dhit, rhit = (np.concatenate([np.zeros(0, bool), *h]) for h in (dhit, rhit))
     m = pd.DataFrame(matched)
 
     def summary(dsel: np.ndarray, rsel: np.ndarray, msel: Any) -> dict[str, Any]:

@@ -40,7 +40,8 @@ class CraterCatalog:
     """A crater catalog normalised to body degrees and kilometres.
 
     Attributes:
-        table: Columns ``lon`` (-180..180), ``lat``, ``diameter_km`` and ``class`` (str).
+        table: Columns ``lon`` (-180..180), ``lat``, ``diameter_km`` and ``class`` (str), and
+            ``epoch`` (int) when the file has one (the synthetic world's: when it formed).
         source: Where it was read from.
     """
 
@@ -92,6 +93,8 @@ def read_crater_catalog(path: str | Path) -> CraterCatalog:
     if not (table["diameter_km"] > 0).all():
         raise InvalidArgumentError(f"crater catalog {path}: diameters must be positive")
     table["lon"] = ((table["lon"] + 180.0) % 360.0) - 180.0
+    if "epoch" in lower:
+        table["epoch"] = pd.to_numeric(raw[lower["epoch"]], errors="coerce").fillna(0).astype(int)
     return CraterCatalog(table.reset_index(drop=True), str(path))
 
 
