@@ -65,6 +65,23 @@ class DiffResult:
     files: tuple[Path, ...]
 
 
+def change_regions(codes: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Connected change regions (8-connected, one from->to code each), numbered from 1.
+
+    One code per region: a crater that appears is one region, not merged with a neighbour's
+    other change.
+    """
+    from scipy import ndimage
+
+    regions = np.zeros(changed.shape, np.int64)
+    offset = 0
+    for code in np.unique(codes[changed]):
+        lab, n = ndimage.label(changed & (codes == code), structure=np.ones((3, 3)))
+        regions[lab > 0] = lab[lab > 0] + offset
+        offset += n
+    return regions
+
+
 def change_mask(
     before: np.ndarray,
     after: np.ndarray,
@@ -74,43 +91,40 @@ def change_mask(
     min_confidence: float = 0.0,
     min_area_m2: float = 0.0,
     n_classes: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(from->to codes, changed mask) after the confidence and minimum-area filters."""
-    from scipy import ndimage
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(from->to codes, changed mask, change regions) after the confidence and area filters.
 
+    The regions are those of :func:`change_regions`, 0 outside the kept changes.
+    """
     codes = before.astype(np.int32) * n_classes + after.astype(np.int32)
     changed = before != after
     if confidence is not None and min_confidence > 0:
         c0, c1 = confidence
         sure = (np.nan_to_num(c0) >= min_confidence) & (np.nan_to_num(c1) >= min_confidence)
         changed &= sure
+    regions = change_regions(codes, changed)
     if min_area_m2 > 0 and changed.any():
-        # Regions of one from->to code: a crater that appears is one region, not its rim and
-        # floor separately merged with a neighbour's other change.
-        regions = np.zeros(changed.shape, np.int64)
-        offset = 0
-        for code in np.unique(codes[changed]):
-            lab, n = ndimage.label(changed & (codes == code), structure=np.ones((3, 3)))
-            regions[lab > 0] = lab[lab > 0] + offset
-            offset += n
         sizes = np.bincount(regions.ravel(), weights=area_km2.ravel())
         small = sizes * 1e6 < min_area_m2
         small[0] = False
         changed &= ~small[regions]
-    return codes, changed
+        regions[~changed] = 0  # whole regions go: the others stay as they were
+    return codes, changed, regions
 
 
 def transition_table(
-    before: np.ndarray,
-    after: np.ndarray,
+    codes: np.ndarray,
     changed: np.ndarray,
     area_km2: np.ndarray,
     classes: dict[int, str],
+    n: int,
 ) -> list[dict[str, Any]]:
-    """Pixels and km^2 per (from, to) over the whole grid; ``changed`` marks kept changes."""
-    n = max(max(classes, default=0), int(before.max(initial=0)), int(after.max(initial=0))) + 1
-    codes = before.astype(np.int64) * n + after.astype(np.int64)
-    kept = np.where(changed | (before == after), codes, -1).ravel()
+    """Pixels and km^2 per (from, to) over the whole grid, from ``codes = before * n + after``.
+
+    ``changed`` marks the kept changes; unchanged pixels count on the diagonal.
+    """
+    unchanged = codes // n == codes % n
+    kept = np.where(changed | unchanged, codes, -1).ravel()
     valid = kept >= 0
     pixels = np.bincount(kept[valid], minlength=n * n)
     areas = np.bincount(kept[valid], weights=area_km2.ravel()[valid], minlength=n * n)
@@ -152,11 +166,11 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
     if second is first and t0 == t1:
         raise InvalidArgumentError("--before and --after name the same time step: pick two")
     classes = {**second.classes, **first.classes}
-    n = max([*classes, 0]) + 1
     before, after = first.read(t0), second.read(t1)
+    n = max(max(classes, default=0), int(before.max(initial=0)), int(after.max(initial=0))) + 1
     confidence = (first.read(t0, "confidence"), second.read(t1, "confidence"))
     area = first.pixel_area_km2()
-    codes, changed = change_mask(
+    codes, changed, regions = change_mask(
         before,
         after,
         area_km2=area,
@@ -165,7 +179,7 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
         min_area_m2=config.min_area_m2,
         n_classes=n,
     )
-    table = transition_table(before, after, changed, area, classes)
+    table = transition_table(codes, changed, area, classes, n)
     out = Path(config.out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -180,9 +194,11 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
             after,
             codes,
             changed,
+            regions,
             area,
             table,
             classes,
+            n,
             config,
         )
         if out.exists():
@@ -211,14 +227,15 @@ def _write_outputs(
     after: np.ndarray,
     codes: np.ndarray,
     changed: np.ndarray,
+    regions: np.ndarray,
     area: np.ndarray,
     table: list[dict[str, Any]],
     classes: dict[int, str],
+    n: int,
     config: DiffConfig,
 ) -> list[Path]:
     from planetseg.cog import write_cog
 
-    n = max([*classes, 0]) + 1
     code_raster = np.where(changed, codes, UNCHANGED).astype(np.uint8 if n * n < 255 else np.uint16)
     grid = {
         "crs_wkt": first.crs_wkt,
@@ -254,8 +271,8 @@ def _write_outputs(
     import pandas as pd
 
     pd.DataFrame(table).to_csv(csv, index=False)
-    polygons = _polygons(folder / "changes.parquet", codes, changed, area, first, classes, n)
-    png = _quicklook(folder / "quicklook.png", before, after, changed, classes, (when0, when1))
+    polygons = _polygons(folder / "changes.parquet", codes, regions, area, first, classes, n)
+    png = _quicklook(folder / "quicklook.png", before, after, changed, classes, n, (when0, when1))
     item = product_item(
         f"diff-{when0}-{when1}".replace(":", ""),
         {
@@ -296,7 +313,7 @@ def _write_outputs(
 def _polygons(
     path: Path,
     codes: np.ndarray,
-    changed: np.ndarray,
+    regions: np.ndarray,
     area: np.ndarray,
     store: LabelsStore,
     classes: dict[int, str],
@@ -306,39 +323,38 @@ def _polygons(
     import geopandas as gpd
     import rasterio.features
     from affine import Affine
-    from scipy import ndimage
     from shapely.geometry import shape
+    from shapely.ops import unary_union
 
     from planetseg.bodies import celestial_proj
 
-    transform = Affine(*store.transform)
+    flat = regions.ravel()
+    km2 = np.bincount(flat, weights=area.ravel())
+    px = np.bincount(flat)
+    code_of = np.zeros(len(px), np.int64)
+    code_of[flat] = codes.ravel()
+    parts: dict[int, list[Any]] = {}
+    for geom, value in rasterio.features.shapes(
+        regions.astype(np.int32),
+        mask=regions > 0,
+        transform=Affine(*store.transform),
+        connectivity=8,
+    ):
+        parts.setdefault(int(value), []).append(shape(geom))
     records, geoms = [], []
-    for code in np.unique(codes[changed]):
-        regions, count = ndimage.label(changed & (codes == code), structure=np.ones((3, 3)))
-        if not count:
-            continue
-        km2 = np.bincount(regions.ravel(), weights=area.ravel(), minlength=count + 1)
-        px = np.bincount(regions.ravel(), minlength=count + 1)
-        parts: dict[int, list[Any]] = {}
-        for geom, value in rasterio.features.shapes(
-            regions.astype(np.int32), mask=regions > 0, transform=transform, connectivity=8
-        ):
-            parts.setdefault(int(value), []).append(shape(geom))
-        f, t = divmod(int(code), n)
-        for region, polys in parts.items():
-            from shapely.ops import unary_union
-
-            geoms.append(unary_union(polys))
-            records.append(
-                {
-                    "from": f,
-                    "to": t,
-                    "from_class": classes.get(f, str(f)),
-                    "to_class": classes.get(t, str(t)),
-                    "pixels": int(px[region]),
-                    "area_km2": float(km2[region]),
-                }
-            )
+    for region, polys in sorted(parts.items()):
+        f, t = divmod(int(code_of[region]), n)
+        geoms.append(unary_union(polys))
+        records.append(
+            {
+                "from": f,
+                "to": t,
+                "from_class": classes.get(f, str(f)),
+                "to_class": classes.get(t, str(t)),
+                "pixels": int(px[region]),
+                "area_km2": float(km2[region]),
+            }
+        )
     with celestial_proj():
         frame = gpd.GeoDataFrame(records, geometry=geoms, crs=store.crs_wkt)
         if frame.empty:
@@ -357,6 +373,7 @@ def _quicklook(
     after: np.ndarray,
     changed: np.ndarray,
     classes: dict[int, str],
+    n: int,
     when: tuple[str, str],
 ) -> Path:
     """The before, after and change maps side by side, with a class legend (PNG)."""
@@ -367,7 +384,6 @@ def _quicklook(
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    n = max([*classes, 0]) + 1
     palette = plt.get_cmap("tab10")(np.arange(n) % 10)
     cmap = ListedColormap(palette)
     step = max(1, max(before.shape) // 1024)  # a quick look, not the product

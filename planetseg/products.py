@@ -78,7 +78,7 @@ class LabelsStore:
                 f"{path} has {h * w:,} pixels per time step, more than products hold in "
                 f"memory ({MAX_PIXELS:,}): segment a smaller area"
             )
-        return cls(
+        store = cls(
             path=path,
             times=[np.datetime_as_string(v, unit="s") for v in ds["time"].values],
             classes={int(k): v for k, v in classes.items()},
@@ -87,6 +87,8 @@ class LabelsStore:
             shape=(h, w),
             attrs=dict(ds.attrs),
         )
+        store.__dict__["dataset"] = ds  # the cached_property below, already open
+        return store
 
     @cached_property
     def body(self) -> Body:
@@ -103,14 +105,18 @@ class LabelsStore:
 
         return select_times(self.times, [wanted])[0]
 
-    def read(self, t: int, name: str = "labels") -> np.ndarray:
-        """One time step of ``labels`` (uint8) or ``confidence`` (float32 0..1, NaN unset)."""
+    @cached_property
+    def dataset(self) -> Any:
+        """The store as a lazy xarray Dataset (opened once)."""
         import xarray as xr
 
-        ds = xr.open_zarr(self.path, consolidated=False)
-        if name not in ds:
+        return xr.open_zarr(self.path, consolidated=False)
+
+    def read(self, t: int, name: str = "labels") -> np.ndarray:
+        """One time step of ``labels`` (uint8) or ``confidence`` (float32 0..1, NaN unset)."""
+        if name not in self.dataset:
             raise CatalogReadError(f"{self.path} has no {name} variable")
-        return np.asarray(ds[name][t].values)
+        return np.asarray(self.dataset[name][t].values)
 
     def same_grid(self, other: LabelsStore) -> None:
         """Refuse two stores that are not on the same grid of the same body.
