@@ -355,11 +355,17 @@ BLOCK_COPIES = 3
 MEMORY_SHARE = 0.6
 
 
+def _block_shape(plan: CubePlan) -> tuple[int, int]:
+    """Pixels of the largest read block (the block, or the whole cube if that is smaller)."""
+    return min(plan.block, plan.shape[0]), min(plan.block, plan.shape[1])
+
+
 def task_bytes(plan: CubePlan) -> int:
     """Memory a task needs, about: ``BLOCK_COPIES`` copies of one read block of every band."""
     itemsize = np.dtype(plan.dtype).itemsize
     labels = 1 if plan.label_asset or plan.label_source else 0
-    return plan.block**2 * (len(plan.bands) * itemsize + labels) * BLOCK_COPIES
+    h, w = _block_shape(plan)
+    return h * w * (len(plan.bands) * itemsize + labels) * BLOCK_COPIES
 
 
 def _task_budget(client: Any) -> tuple[int, str] | None:
@@ -385,9 +391,10 @@ def _task_budget(client: Any) -> tuple[int, str] | None:
 def check_memory(plan: CubePlan, client: Any) -> None:
     """Refuse a tile whose task would not fit in a worker's memory, before anything is written.
 
-    A task reads one block (``plan.block``, the tile or ``read_block``) of every band; each of
-    a worker's threads runs one task, so a task may use ``MEMORY_SHARE`` of the worker's memory
-    limit over its threads (of this machine's memory over its cores without a cluster).
+    A task reads one block (``plan.block``, the tile or ``read_block``, at most the cube) of
+    every band; each of a worker's threads runs one task, so a task may use ``MEMORY_SHARE`` of
+    the worker's memory limit over its threads (of this machine's memory over its cores
+    without a cluster).
 
     Raises:
         InvalidArgumentError: the task would not fit; the message gives the largest tile that
@@ -397,10 +404,10 @@ def check_memory(plan: CubePlan, client: Any) -> None:
     need = task_bytes(plan)
     if budget is None or need <= budget[0]:
         return
-    per_pixel = need / plan.block**2
-    largest = max(16, int(math.sqrt(budget[0] / per_pixel)) // 16 * 16)
+    h, w = _block_shape(plan)
+    largest = max(16, int(math.sqrt(budget[0] / (need / (h * w)))) // 16 * 16)
     raise InvalidArgumentError(
-        f"--tile {plan.tile}: a task reads {plan.block} x {plan.block} px of {len(plan.bands)} "
+        f"--tile {plan.tile}: a task reads {h} x {w} px of {len(plan.bands)} "
         f"{plan.dtype} band(s) at once, about {need / 2**20:,.0f} MiB, more than "
         f"{budget[0] / 2**20:,.0f} MiB per task ({budget[1]} per thread): use --tile {largest} "
         "or less, or workers with more memory"
@@ -820,7 +827,8 @@ def ingest(
         provenance: Extra provenance for the store's attributes (e.g. the search query).
 
     Raises:
-        PlanetsegError: see :func:`plan_ingest` and :func:`check_assets`;
+        PlanetsegError: see :func:`plan_ingest`, :func:`check_memory` and
+            :func:`check_assets`;
             :class:`~planetseg.errors.StoreMismatchError` when ``config.out`` holds a cube on
             another grid.
     """
