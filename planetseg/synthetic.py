@@ -100,7 +100,7 @@ _STREAM_TERRAIN, _STREAM_CRATERS, _STREAM_SHAPES, _STREAM_NOISE = 1, 2, 3, 4
 # Tries per crater before giving up on placing it (the scene is then simply a little sparser).
 # New craters are few and must land on untouched ground, so they get many more tries.
 _PLACEMENT_TRIES = 40
-#: Smallest scene side in pixels (the tiles and COG blocks of a scene are 32 px or more).
+#: Smallest scene side in pixels, whatever the craters.
 MIN_SIZE = 64
 _NEW_CRATER_TRIES = 1000
 
@@ -759,7 +759,7 @@ def _classification() -> list[dict[str, Any]]:
 
 def _write_cog(path: Path, array: np.ndarray, grid: _Grid, *, labels: bool) -> None:
     # Overviews are built down to one block, so small scenes get small blocks to keep >= 1 level.
-    block = 256 if grid.size >= 512 else 128  # GDAL's COG driver takes no smaller block
+    block = 256 if grid.size >= 512 else (128 if grid.size >= 256 else 32)
     profile = {
         "driver": "COG",
         "width": grid.size,
