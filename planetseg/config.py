@@ -124,13 +124,14 @@ class IngestConfig:
         bbox: Area to ingest, ``"W,S,E,N"`` in body lon/lat; None for the items' union.
         crs: Cube CRS (authority code or WKT2); None for the items' own (they must agree).
         resolution: Pixel size in CRS units; None for the items' finest native resolution.
-        tile: Tile and chunk size in pixels (a multiple of 16).
+        tile: Tile and chunk size in pixels (a multiple of 16, at most ``MAX_TILE``).
         bands: Asset keys to read; empty for the assets with role ``data``.
         groupby: Time steps: ``day`` (UTC day), ``time`` (exact datetime), ``id`` (one step per
             item) or ``solar_day`` (Earth only). Items of one step are mosaicked.
         dtype: Image dtype; None for the assets' own.
         engine: Loader: ``odc`` (any CRS) or ``stackstac`` (EPSG Earth items).
-        resampling: Image resampling when the grid differs from the native one.
+        resampling: Image resampling when the grid differs from the native one (a rasterio
+            ``Resampling`` name).
         labels: Label source: an asset key holding label rasters, or a crater catalog
             (``.csv``/``.parquet``) or polygon file (``.geojson``/``.gpkg``/``.parquet``).
         label_field: Class column of a polygon file.
@@ -262,7 +263,7 @@ class SegmentConfig:
         halo: Input pixels of context around each window; None for the model's receptive
             radius (no seams).
         partition: Tasks kept on the cluster at once; None for 4 per worker thread.
-        threads: Torch threads per task.
+        threads: Torch threads per task (``--torch-threads``).
         cog: Folder to also write Cloud-Optimized GeoTIFFs into (labels and confidence per
             time step), or None.
         any_body: Segment a cube of another body than the model's (with a warning) instead of
@@ -342,7 +343,7 @@ class TrainConfig:
 
     Attributes:
         out: Run directory (checkpoint, metrics.jsonl, exported model).
-        scale: Output/input resolution ratio, 2 or 4.
+        scale: Output/input resolution ratio, 2 or 4 (1: the HR-input baseline, no SR).
         steps: Optimiser steps.
         batch_size: Windows per step, over all processes.
         crop: HR window size in pixels (a multiple of ``scale * 2**(depth-1)``).
@@ -362,7 +363,7 @@ class TrainConfig:
         val_every: Steps between validations.
         checkpoint_every: Steps between checkpoints.
         nproc: Processes (DDP ranks) on this node.
-        threads: Torch threads per process.
+        threads: Torch threads per process (``--torch-threads``).
         seed: Seed of weights, windows and noise.
         resume: Continue from the run directory's checkpoint.
     """

@@ -9,11 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from planetseg.config import IngestConfig, TrainConfig
+from planetseg.config import (
+    ClusterConfig,
+    CratersConfig,
+    DemoConfig,
+    DiffConfig,
+    IngestConfig,
+    SearchConfig,
+    SegmentConfig,
+    TrainConfig,
+)
 from planetseg.data import spatial_split
 from planetseg.errors import InvalidArgumentError
 from planetseg.export import WEIGHTS
 from planetseg.ingest import ingest
+from planetseg.segment import segment
 from planetseg.synthetic import SynthConfig, synthesize
 from planetseg.train import CHECKPOINT, train
 from tests.test_cli import assert_one_line_error, planetseg
@@ -111,16 +121,47 @@ def test_bad_argument_is_one_line_exit_2_and_leaves_nothing(
     assert not out.exists()
 
 
-def test_diff_names_before_and_after(tmp_path: Path) -> None:
-    from planetseg.segment import select_times
+@pytest.mark.parametrize(
+    ("config", "kwargs", "message"),
+    [
+        (TrainConfig, {"out": "x", "steps": -5}, "--steps -5"),
+        (TrainConfig, {"out": "x", "scale": 3, "crop": 36}, "--scale 3"),
+        (TrainConfig, {"out": "x", "threads": 0}, "--torch-threads 0"),
+        (IngestConfig, {"out": "x", "resampling": "bogus"}, "--resampling bogus"),
+        (IngestConfig, {"out": "x", "resolution": float("nan")}, "--resolution nan"),
+        (ClusterConfig, {"workers": 0}, "--workers 0"),
+        (SegmentConfig, {"out": "x", "model": "m", "threads": 0}, "--torch-threads 0"),
+        (
+            DiffConfig,
+            {"out": "x", "before": "0", "after": "1", "min_area_m2": -1.0},
+            "--min-area -1",
+        ),
+        (CratersConfig, {"out": "x", "min_diameter_px": -1.0}, "--min-diameter -1"),
+        (SearchConfig, {"catalog": "x", "timeout": 0}, "--timeout 0"),
+        (DemoConfig, {"out": "x", "steps": 0}, "--steps 0"),
+    ],
+)
+def test_a_config_built_in_python_is_checked_the_same_way(
+    config: type, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=f"^{message}: "):
+        config(**kwargs)
 
-    values = ["2009-01-01T00:00:00", "2014-02-01T00:00:00"]
-    with pytest.raises(InvalidArgumentError, match="^--before 2010 matches no"):
-        select_times(values, ["2010"], "--before")
-    with pytest.raises(InvalidArgumentError, match="^--after 7: time index 7"):
-        select_times(values, ["7"], "--after")
-    with pytest.raises(InvalidArgumentError, match="^--time 2010"):
-        select_times(values, ["2010"])
+
+def test_diff_names_before_and_after(labels: Path, tmp_path: Path) -> None:
+    out = tmp_path / "change"
+    for flag, other in (("--before", "--after"), ("--after", "--before")):
+        proc = planetseg(
+            "diff", str(labels), flag, "2010", other, "0", "--out", str(out), timeout=FAST
+        )
+        assert_one_line_error(proc, f"{flag} 2010 matches several time step")
+        assert "--time" not in proc.stderr
+        assert not out.exists()
+    proc = planetseg("diff", str(labels), "--before", "7", "--after", "0", "--out", str(out))
+    assert_one_line_error(proc, "--before 7: time index 7 is out of range")
+    assert not out.exists()
+    proc = planetseg("craters", str(labels), "--time", "2010", "--out", str(tmp_path / "c.csv"))
+    assert_one_line_error(proc, "--time 2010 matches several")
 
 
 def test_spatial_split_takes_every_width_of_two_windows() -> None:
@@ -148,7 +189,7 @@ def test_tile_larger_than_the_workers_memory_is_refused_up_front(
 ) -> None:
     from distributed import Client, LocalCluster
 
-    from planetseg.search import SearchConfig, search
+    from planetseg.search import search
 
     items = search(SearchConfig(catalog=str(world_dir))).items
     store = tmp_path / "cube.zarr"
@@ -161,6 +202,14 @@ def test_tile_larger_than_the_workers_memory_is_refused_up_front(
     ):
         ingest(items, IngestConfig(out=str(store), tile=128, labels="labels"), client=client)
     assert not store.exists()
+
+
+@pytest.fixture(scope="module")
+def labels(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared LR cube segmented with the shared model (three epochs)."""
+    out = tmp_path_factory.mktemp("labels") / "labels.zarr"
+    segment(world["lr"], SegmentConfig(out=str(out), model=str(world["model"])))
+    return out
 
 
 @pytest.fixture(scope="module")
