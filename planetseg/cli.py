@@ -274,15 +274,6 @@ def ingest(
     from planetseg.ingest import ingest as run_ingest
     from planetseg.search import search as run_search
 
-    found = run_search(
-        SearchConfig(
-            catalog=source, collections=tuple(collection or ()), bbox=bbox, datetime=datetime
-        )
-    )
-    if not found.items and (bbox or datetime or collection):
-        raise CatalogReadError(
-            f"no items of {source} match the --collection/--bbox/--datetime given: widen them"
-        )
     config = IngestConfig(
         out=str(out_path),
         bbox=bbox,
@@ -299,6 +290,15 @@ def ingest(
         fill_missing=fill_missing,
     )
     computing = _cluster(cluster, workers, threads, jobs, cluster_config, host)
+    found = run_search(
+        SearchConfig(
+            catalog=source, collections=tuple(collection or ()), bbox=bbox, datetime=datetime
+        )
+    )
+    if not found.items and (bbox or datetime or collection):
+        raise CatalogReadError(
+            f"no items of {source} match the --collection/--bbox/--datetime given: widen them"
+        )
     with _computing("tiles", computing) as (client, update):
         result = run_ingest(
             found.items, config, client=client, progress=update, provenance=found.provenance()
@@ -364,7 +364,7 @@ def train(
     width: Annotated[int, typer.Option(help="Channels of the first encoder level.")] = 16,
     depth: Annotated[int, typer.Option(help="Encoder levels.")] = 3,
     nproc: Annotated[int, typer.Option(help="DDP processes on this node.")] = 1,
-    threads: Annotated[int, typer.Option(help="Torch threads per process.")] = 1,
+    torch_threads: Annotated[int, typer.Option(help="Torch threads per process.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of weights, windows and noise.")] = 0,
     val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
@@ -390,7 +390,7 @@ def train(
         width=width,
         depth=depth,
         nproc=nproc,
-        threads=threads,
+        threads=torch_threads,
         seed=seed,
         val_every=val_every,
         checkpoint_every=checkpoint_every,
@@ -415,8 +415,6 @@ def evaluate(
     from planetseg.evaluate import evaluate as run_evaluate
     from planetseg.items import atomic_path
 
-    if region not in ("all", "val"):
-        raise InvalidArgumentError(f"--region {region!r}: use all or val")
     result = run_evaluate(model, cube, region=region)  # type: ignore[arg-type]
     if out_path is not None:
         with atomic_path(out_path) as tmp:
@@ -695,11 +693,18 @@ def demo(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run the main job offline on the embedded synthetic world."""
+    from planetseg.config import DemoConfig
     from planetseg.demo import run_demo
 
+    config = DemoConfig(out=str(out_dir), seed=seed, size=size, steps=steps)  # before the cluster
     with _computing("tiles", _cluster(cluster, workers, threads)) as (client, update):
         result = run_demo(
-            out_dir, seed=seed, size=size, steps=steps, client=client, progress=update
+            config.out,
+            seed=config.seed,
+            size=config.size,
+            steps=config.steps,
+            client=client,
+            progress=update,
         )
     world, cube = result.world, result.cube
     out.print(

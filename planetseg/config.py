@@ -1,14 +1,81 @@
 """Configuration of every stage, one frozen dataclass each.
 
-The CLI and workflow files build these; the library functions take them. Values are validated
-where they are used (e.g. :func:`planetseg.search.parse_bbox`), so a config built in Python and
-one built from the command line are checked the same way.
+The CLI and workflow files build these; the library functions take them. Each config checks
+its own values when it is built (``__post_init__``), naming the command-line flag a value comes
+from, so a config built in Python and one built from the command line are checked the same way
+and a bad value stops a command before it starts anything. Values that need data to check are
+validated where they are used (e.g. :func:`planetseg.search.parse_bbox`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
+
+from planetseg.errors import InvalidArgumentError
+
+#: Values of ``--groupby`` (see :class:`IngestConfig`).
+GROUPBY = ("day", "time", "id", "solar_day")
+#: Values of ``--engine``.
+ENGINES = ("odc", "stackstac")
+#: Values of ``--class-weights``.
+CLASS_WEIGHTS = ("balanced", "none")
+#: Output/input resolution ratios the network supports (1: the HR-input baseline).
+SCALES = (1, 2, 4)
+#: Largest ``--tile``: beyond it a tile is no longer a unit of work (see also the memory check
+#: of :func:`planetseg.ingest.check_memory`).
+MAX_TILE = 8192
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, flag: str, value: object, what: str) -> None:
+    """Raise the one-line error ``"<flag> <value>: <what>"`` unless ``ok``."""
+    if not ok:
+        shown = f"{value:g}" if isinstance(value, float) else value
+        raise InvalidArgumentError(f"{flag} {shown}: {what}")
+
+
+def _int_at_least(flag: str, value: object, low: int, what: str) -> None:
+    _require(_is_int(value) and value >= low, flag, value, what)
+
+
+def _optional_int_at_least(flag: str, value: object, low: int, what: str) -> None:
+    if value is not None:
+        _int_at_least(flag, value, low, what)
+
+
+def _number_in(
+    flag: str,
+    value: object,
+    what: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = _is_number(value) and (
+        (low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high)
+    )
+    _require(ok, flag, value, what)
+
+
+def _one_of(flag: str, value: object, choices: tuple[object, ...]) -> None:
+    _require(value in choices, flag, value, f"use {_or(choices)}")
+
+
+def _or(choices: tuple[object, ...]) -> str:
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 @dataclass(frozen=True)
@@ -38,6 +105,15 @@ class SearchConfig:
     retries: int = 5
     backoff: float = 0.5
 
+    def __post_init__(self) -> None:
+        _optional_int_at_least("--max-items", self.max_items, 1, "give at least 1 item")
+        _int_at_least("page_size", self.page_size, 1, "give at least 1 item per page")
+        _number_in(
+            "--timeout", self.timeout, "give a positive number of seconds", low=0, low_open=True
+        )
+        _int_at_least("--retries", self.retries, 0, "give a number of retries >= 0")
+        _number_in("backoff", self.backoff, "give a number of seconds >= 0", low=0)
+
 
 @dataclass(frozen=True)
 class IngestConfig:
@@ -48,13 +124,14 @@ class IngestConfig:
         bbox: Area to ingest, ``"W,S,E,N"`` in body lon/lat; None for the items' union.
         crs: Cube CRS (authority code or WKT2); None for the items' own (they must agree).
         resolution: Pixel size in CRS units; None for the items' finest native resolution.
-        tile: Tile and chunk size in pixels (a multiple of 16).
+        tile: Tile and chunk size in pixels (a multiple of 16, at most ``MAX_TILE``).
         bands: Asset keys to read; empty for the assets with role ``data``.
         groupby: Time steps: ``day`` (UTC day), ``time`` (exact datetime), ``id`` (one step per
             item) or ``solar_day`` (Earth only). Items of one step are mosaicked.
         dtype: Image dtype; None for the assets' own.
         engine: Loader: ``odc`` (any CRS) or ``stackstac`` (EPSG Earth items).
-        resampling: Image resampling when the grid differs from the native one.
+        resampling: Image resampling when the grid differs from the native one (a rasterio
+            ``Resampling`` name).
         labels: Label source: an asset key holding label rasters, or a crater catalog
             (``.csv``/``.parquet``) or polygon file (``.geojson``/``.gpkg``/``.parquet``).
         label_field: Class column of a polygon file.
@@ -80,6 +157,53 @@ class IngestConfig:
     fill_missing: bool = False
     batch_tiles: int = 64
     read_block: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None:
+            _number_in(
+                "--resolution",
+                self.resolution,
+                "give a positive pixel size in the CRS's units (or leave it out for the native)",
+                low=0,
+                low_open=True,
+            )
+        _int_at_least("--tile", self.tile, 16, "use a multiple of 16, at least 16")
+        _require(self.tile % 16 == 0, "--tile", self.tile, "use a multiple of 16, at least 16")
+        _require(
+            self.tile <= MAX_TILE,
+            "--tile",
+            self.tile,
+            f"use at most {MAX_TILE} px (a tile is one task's unit of work; the default is 512)",
+        )
+        _one_of("--groupby", self.groupby, GROUPBY)
+        _one_of("--engine", self.engine, ENGINES)
+        if self.dtype is not None:
+            _check_dtype(self.dtype)
+        _check_resampling(self.resampling)
+        _int_at_least("batch_tiles", self.batch_tiles, 1, "give at least 1 tile per partition")
+        _int_at_least("read_block", self.read_block, 0, "give a block side >= 0 px")
+
+
+def _check_dtype(dtype: str) -> None:
+    import numpy as np
+
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:
+        kind = ""
+    _require(
+        kind in ("i", "u", "f"),
+        "--dtype",
+        dtype,
+        "use a numeric numpy dtype (uint8, uint16, int16, float32, ...)",
+    )
+
+
+def _check_resampling(name: str) -> None:
+    from rasterio.enums import Resampling
+
+    names = tuple(r.name for r in Resampling)
+    _require(name in names, "--resampling", name, f"use {_or(names)}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +235,21 @@ class ClusterConfig:
     connect_timeout: float = 10.0
     worker_timeout: float = 600.0
 
+    def __post_init__(self) -> None:
+        _optional_int_at_least("--workers", self.workers, 1, "give at least 1 worker")
+        _optional_int_at_least("--threads", self.threads, 1, "give at least 1 thread per worker")
+        _int_at_least("--jobs", self.jobs, 1, "give at least 1 batch job")
+        _require(
+            _is_int(self.dashboard_port) and 0 <= self.dashboard_port <= 65535,
+            "dashboard_port",
+            self.dashboard_port,
+            "use a port in 0..65535 (0 picks a free one)",
+        )
+        for name in ("connect_timeout", "worker_timeout"):
+            _number_in(
+                name, getattr(self, name), "give a positive number of seconds", low=0, low_open=True
+            )
+
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -124,7 +263,7 @@ class SegmentConfig:
         halo: Input pixels of context around each window; None for the model's receptive
             radius (no seams).
         partition: Tasks kept on the cluster at once; None for 4 per worker thread.
-        threads: Torch threads per task.
+        threads: Torch threads per task (``--torch-threads``).
         cog: Folder to also write Cloud-Optimized GeoTIFFs into (labels and confidence per
             time step), or None.
         any_body: Segment a cube of another body than the model's (with a warning) instead of
@@ -140,6 +279,12 @@ class SegmentConfig:
     threads: int = 1
     cog: str | None = None
     any_body: bool = False
+
+    def __post_init__(self) -> None:
+        _int_at_least("--batch", self.batch, 1, "give at least 1 tile per task")
+        _optional_int_at_least("--halo", self.halo, 0, "give a halo >= 0 px")
+        _optional_int_at_least("--partition", self.partition, 1, "give at least 1 task")
+        _int_at_least("--torch-threads", self.threads, 1, "give at least 1 torch thread per task")
 
 
 @dataclass(frozen=True)
@@ -162,6 +307,12 @@ class DiffConfig:
     min_confidence: float = 0.0
     min_area_m2: float = 0.0
 
+    def __post_init__(self) -> None:
+        _number_in(
+            "--min-confidence", self.min_confidence, "give a confidence in 0..1", low=0, high=1
+        )
+        _number_in("--min-area", self.min_area_m2, "give an area >= 0 m^2", low=0)
+
 
 @dataclass(frozen=True)
 class CratersConfig:
@@ -182,6 +333,9 @@ class CratersConfig:
     min_diameter_px: float = 3.0
     reference: str | None = None
 
+    def __post_init__(self) -> None:
+        _number_in("--min-diameter", self.min_diameter_px, "give a diameter >= 0 px", low=0)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -189,7 +343,7 @@ class TrainConfig:
 
     Attributes:
         out: Run directory (checkpoint, metrics.jsonl, exported model).
-        scale: Output/input resolution ratio, 2 or 4.
+        scale: Output/input resolution ratio, 2 or 4 (1: the HR-input baseline, no SR).
         steps: Optimiser steps.
         batch_size: Windows per step, over all processes.
         crop: HR window size in pixels (a multiple of ``scale * 2**(depth-1)``).
@@ -209,7 +363,7 @@ class TrainConfig:
         val_every: Steps between validations.
         checkpoint_every: Steps between checkpoints.
         nproc: Processes (DDP ranks) on this node.
-        threads: Torch threads per process.
+        threads: Torch threads per process (``--torch-threads``).
         seed: Seed of weights, windows and noise.
         resume: Continue from the run directory's checkpoint.
     """
@@ -237,3 +391,78 @@ class TrainConfig:
     threads: int = 1
     seed: int = 0
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        # The scale first: the crop's rule below depends on it.
+        _one_of("--scale", self.scale, SCALES)
+        _int_at_least("--steps", self.steps, 1, "give a positive number of steps")
+        _int_at_least("--batch-size", self.batch_size, 1, "give at least 1 window per step")
+        _int_at_least("--width", self.width, 4, "give at least 4 channels")
+        _int_at_least("--depth", self.depth, 1, "give at least 1 encoder level")
+        _int_at_least("head_channels", self.head_channels, 4, "give at least 4 channels")
+        divisor = self.scale * 2 ** (self.depth - 1)
+        _require(
+            _is_int(self.crop) and self.crop >= divisor and self.crop % divisor == 0,
+            "--crop",
+            self.crop,
+            f"use a positive multiple of --scale x 2**(--depth - 1) = {divisor} px",
+        )
+        _number_in("--lr", self.lr, "give a positive learning rate", low=0, low_open=True)
+        _number_in("--w-sr", self.w_sr, "give a loss weight >= 0", low=0)
+        _number_in("--w-fa", self.w_fa, "give a loss weight >= 0", low=0)
+        _int_at_least("fa_subsample", self.fa_subsample, 1, "give a pooling factor >= 1")
+        _one_of("--class-weights", self.class_weights, CLASS_WEIGHTS)
+        _number_in("--psf-sigma", self.psf_sigma, "give a sigma >= 0 LR pixels", low=0)
+        _number_in("--noise", self.noise, "give a noise level >= 0", low=0)
+        _number_in(
+            "val_fraction",
+            self.val_fraction,
+            "give a share of the columns in (0, 1)",
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+        )
+        _int_at_least("--val-every", self.val_every, 1, "give a positive number of steps")
+        _int_at_least(
+            "--checkpoint-every", self.checkpoint_every, 1, "give a positive number of steps"
+        )
+        _int_at_least("--nproc", self.nproc, 1, "give at least 1 process")
+        _require(
+            self.batch_size % self.nproc == 0,
+            "--batch-size",
+            self.batch_size,
+            f"must be divisible by --nproc {self.nproc}",
+        )
+        _int_at_least("--torch-threads", self.threads, 1, "give at least 1 torch thread")
+        _int_at_least("--seed", self.seed, 0, "give a seed >= 0")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The offline demo's settings (see :func:`planetseg.demo.run_demo`).
+
+    Attributes:
+        out: Directory for every output.
+        seed: Seed of the synthetic world.
+        size: Scene side in pixels: at least two training windows (``TrainConfig.crop``) wide,
+            for the training and validation strips.
+        steps: Training steps.
+    """
+
+    out: str
+    seed: int = 0
+    size: int = 1024
+    steps: int = 120
+
+    def __post_init__(self) -> None:
+        _int_at_least("--seed", self.seed, 0, "give a seed >= 0")
+        smallest = 2 * TrainConfig.crop
+        _int_at_least(
+            "--size",
+            self.size,
+            smallest,
+            f"the demo needs at least {smallest} px (training and validation strips of "
+            f"{TrainConfig.crop} px windows)",
+        )
+        _int_at_least("--steps", self.steps, 1, "give a positive number of training steps")

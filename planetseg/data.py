@@ -195,15 +195,27 @@ class Split:
 
 
 def spatial_split(width: int, val_fraction: float, *, multiple: int) -> Split:
-    """Hold out the last ``val_fraction`` of the columns (rounded to ``multiple``)."""
+    """Hold out the last ``val_fraction`` of the columns, cut at a multiple of ``multiple``.
+
+    ``multiple`` is the training window (``--crop``): the training strip must hold a window and
+    the validation strip is at least one window wide. The cut is the multiple nearest to
+    ``width * (1 - val_fraction)`` that leaves both strips that wide, so every width of at
+    least ``2 * multiple`` splits (a 608 px cube with 128 px windows: 384 + 224 px).
+
+    Raises:
+        InvalidArgumentError: ``val_fraction`` outside (0, 1), or a cube narrower than two
+            windows.
+    """
     if not 0 < val_fraction < 1:
         raise InvalidArgumentError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    cut = int(round(width * (1 - val_fraction) / multiple)) * multiple
-    if cut < multiple or width - cut < multiple:
+    if width < 2 * multiple:
         raise InvalidArgumentError(
-            f"the cube is {width} px wide: too narrow to split into training and validation "
-            f"strips of at least {multiple} px"
+            f"the cube is {width} px wide: too narrow for a training and a validation strip of "
+            f"--crop {multiple} px each (it needs {2 * multiple} px): lower --crop, or ingest a "
+            "wider --bbox"
         )
+    nearest = int(round(width * (1 - val_fraction) / multiple)) * multiple
+    cut = min(max(nearest, multiple), (width - multiple) // multiple * multiple)
     return Split(slice(0, cut), slice(cut, width))
 
 
@@ -215,7 +227,7 @@ class WindowSampler:
         width = split.train.stop - split.train.start
         if crop > height or crop > width:
             raise InvalidArgumentError(
-                f"crop {crop} px does not fit the training strip ({height} x {width} px): "
+                f"--crop {crop} does not fit the training strip ({height} x {width} px): "
                 "lower --crop"
             )
         self.data, self.split, self.crop, self.seed = data, split, crop, seed

@@ -16,6 +16,7 @@ import numpy as np
 
 from planetseg.config import (
     CratersConfig,
+    DemoConfig,
     DiffConfig,
     IngestConfig,
     SearchConfig,
@@ -100,7 +101,12 @@ def run_demo(
         steps: Training steps (batch 8 of 128 px windows; about a second each on 2 cores).
         client: Dask client to compute on (None: threads in this process).
         progress: Tile progress callback for the ingest.
+
+    Raises:
+        InvalidArgumentError: a bad seed, size or step count (see
+            :class:`~planetseg.config.DemoConfig`), before anything is written.
     """
+    DemoConfig(out=str(out_dir), seed=seed, size=size, steps=steps)  # before writing anything
     out = Path(out_dir)
     world = synthesize(out / "world", config=SynthConfig(seed=seed, size=size))
     logger.info("synthetic world written to %s", world.root)

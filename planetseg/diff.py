@@ -153,16 +153,12 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
         InvalidArgumentError / MixedBodiesError: unknown times, stores on other grids or bodies,
             bad thresholds.
     """
-    if not 0 <= config.min_confidence <= 1:
-        raise InvalidArgumentError(f"--min-confidence must be in 0..1, got {config.min_confidence}")
-    if config.min_area_m2 < 0:
-        raise InvalidArgumentError(f"--min-area must be >= 0, got {config.min_area_m2}")
     first = LabelsStore.open(store)
     second = LabelsStore.open(config.other) if config.other else first
     if second is not first:
         first.same_grid(second)
-    t0 = first.time_index(config.before)
-    t1 = second.time_index(config.after)
+    t0 = first.time_index(config.before, "--before")
+    t1 = second.time_index(config.after, "--after")
     if second is first and t0 == t1:
         raise InvalidArgumentError("--before and --after name the same time step: pick two")
     classes = {**second.classes, **first.classes}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from planetseg.data import Degradation, open_cube, spatial_split
-from planetseg.errors import CheckpointError
+from planetseg.errors import CheckpointError, InvalidArgumentError
 from planetseg.export import load_model
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.model import SegmentationNet, receptive_radius
@@ -80,8 +80,11 @@ def evaluate(
         region: ``all`` pixels, or only the ``val`` strip held out in training.
 
     Raises:
+        InvalidArgumentError: ``region`` is neither ``all`` nor ``val``.
         CheckpointError: the model's bands differ from the cube's.
     """
+    if region not in ("all", "val"):
+        raise InvalidArgumentError(f"--region {region}: use all or val")
     net, card = load_model(model)
     data = open_cube(cube)
     if data.bands != card["bands"]:

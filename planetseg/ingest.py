@@ -272,12 +272,11 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
     Raises:
         CatalogReadError: no items.
         CRSError / MixedBodiesError: missing projection metadata, or items of several bodies.
-        InvalidArgumentError: bad tile, resolution, bands, or a bbox missing every item.
+        InvalidArgumentError: no native resolution, bad bands, or a bbox missing every item
+            (the config checked its own values).
     """
     if not items:
         raise CatalogReadError("no items to ingest: the items file or search result is empty")
-    if config.tile < 16 or config.tile % 16:
-        raise InvalidArgumentError(f"--tile {config.tile}: use a multiple of 16, at least 16")
     label_asset = config.labels if config.labels and not _is_file(config.labels) else None
     label_source = config.labels if config.labels and _is_file(config.labels) else None
     if label_source and not Path(label_source).is_file():
@@ -311,7 +310,7 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
         target = parse_crs(distinct[0])
     same_body([target, crss[0]], what="--crs and the items")
     resolution = config.resolution or _native_resolution(items, crss, asset_keys[0], target)
-    if resolution is None or resolution <= 0:
+    if resolution is None:
         raise InvalidArgumentError(
             "cannot tell the items' native resolution in the cube's CRS: give --resolution"
         )
@@ -349,6 +348,72 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
     )
 
 
+#: Copies of a read block a task holds at once: the sources' reads, their mosaic, the encoded
+#: chunks.
+BLOCK_COPIES = 3
+#: Share of a worker's memory limit (per thread) one task may take: Dask pauses a worker at 80 %.
+MEMORY_SHARE = 0.6
+
+
+def _block_shape(plan: CubePlan) -> tuple[int, int]:
+    """Pixels of the largest read block (the block, or the whole cube if that is smaller)."""
+    return min(plan.block, plan.shape[0]), min(plan.block, plan.shape[1])
+
+
+def task_bytes(plan: CubePlan) -> int:
+    """Memory a task needs, about: ``BLOCK_COPIES`` copies of one read block of every band."""
+    itemsize = np.dtype(plan.dtype).itemsize
+    labels = 1 if plan.label_asset or plan.label_source else 0
+    h, w = _block_shape(plan)
+    return h * w * (len(plan.bands) * itemsize + labels) * BLOCK_COPIES
+
+
+def _task_budget(client: Any) -> tuple[int, str] | None:
+    """Bytes a task may use and where that comes from, or None if the cluster does not say."""
+    if client is None:  # the threaded scheduler: one task per core, in this process
+        import os
+
+        import psutil
+
+        cores = os.cpu_count() or 1
+        return int(psutil.virtual_memory().total / cores * MEMORY_SHARE), "this machine's memory"
+    workers = client.scheduler_info().get("workers", {}).values()
+    limits = [
+        w["memory_limit"] / max(int(w.get("nthreads") or 1), 1)
+        for w in workers
+        if w.get("memory_limit")
+    ]
+    if not limits:
+        return None
+    return int(min(limits) * MEMORY_SHARE), "a Dask worker's memory limit"
+
+
+def check_memory(plan: CubePlan, client: Any) -> None:
+    """Refuse a tile whose task would not fit in a worker's memory, before anything is written.
+
+    A task reads one block (``plan.block``, the tile or ``read_block``, at most the cube) of
+    every band; each of a worker's threads runs one task, so a task may use ``MEMORY_SHARE`` of
+    the worker's memory limit over its threads (of this machine's memory over its cores
+    without a cluster).
+
+    Raises:
+        InvalidArgumentError: the task would not fit; the message gives the largest tile that
+            does.
+    """
+    budget = _task_budget(client)
+    need = task_bytes(plan)
+    if budget is None or need <= budget[0]:
+        return
+    h, w = _block_shape(plan)
+    largest = max(16, int(math.sqrt(budget[0] / (need / (h * w)))) // 16 * 16)
+    raise InvalidArgumentError(
+        f"--tile {plan.tile}: a task reads {h} x {w} px of {len(plan.bands)} "
+        f"{plan.dtype} band(s) at once, about {need / 2**20:,.0f} MiB, more than "
+        f"{budget[0] / 2**20:,.0f} MiB per task ({budget[1]} per thread): use --tile {largest} "
+        "or less, or workers with more memory"
+    )
+
+
 def _is_file(value: str) -> bool:
     return Path(value).suffix.lower() in (".csv", ".parquet", ".geojson", ".json", ".gpkg")
 
@@ -368,7 +433,10 @@ def _dtype_nodata(item: Item, asset: str, config: IngestConfig) -> tuple[str, fl
     try:
         np.dtype(dtype)
     except TypeError:
-        raise InvalidArgumentError(f"--dtype {dtype!r} is not a numpy dtype") from None
+        raise InvalidArgumentError(
+            f"asset {asset!r} of item {item['id']!r} has data_type {dtype!r}, not a numpy "
+            "dtype: give the cube's with --dtype"
+        ) from None
     nodata = bands[0].get("nodata")
     return dtype, (float(nodata) if nodata is not None else None)
 
@@ -759,7 +827,8 @@ def ingest(
         provenance: Extra provenance for the store's attributes (e.g. the search query).
 
     Raises:
-        PlanetsegError: see :func:`plan_ingest` and :func:`check_assets`;
+        PlanetsegError: see :func:`plan_ingest`, :func:`check_memory` and
+            :func:`check_assets`;
             :class:`~planetseg.errors.StoreMismatchError` when ``config.out`` holds a cube on
             another grid.
     """
@@ -769,6 +838,7 @@ def ingest(
     items = load_items(items)
     plan = plan_ingest(items, config)
     loader.check(plan)
+    check_memory(plan, client)
     by_id = {it["id"]: it for it in items}
     store = Path(config.out)
     state = read_state(store)

@@ -95,15 +95,15 @@ class LabelsStore:
         """The body of the grid's CRS."""
         return body_of_crs(parse_crs(self.crs_wkt))
 
-    def time_index(self, wanted: str) -> int:
-        """Index of a time given as a date prefix or an index.
+    def time_index(self, wanted: str, flag: str = "--time") -> int:
+        """Index of a time given as a date prefix or an index (``flag`` names it in errors).
 
         Raises:
             InvalidArgumentError: no such time, or several.
         """
         from planetseg.segment import select_times
 
-        return select_times(self.times, [wanted])[0]
+        return select_times(self.times, [wanted], flag)[0]
 
     @cached_property
     def dataset(self) -> Any:

@@ -190,7 +190,7 @@ def search(config: SearchConfig) -> SearchResult:
     """Run a search described by ``config`` against an API or a local catalog.
 
     Raises:
-        InvalidArgumentError: malformed bbox/datetime/max_items.
+        InvalidArgumentError: malformed bbox or datetime (SearchConfig checks the rest).
         CatalogNotFoundError / NoStacCollectionError: the catalog does not resolve.
         CollectionNotFoundError: a collection is not offered by the catalog.
         CatalogReadError: a local catalog cannot be read.
@@ -198,8 +198,6 @@ def search(config: SearchConfig) -> SearchResult:
     """
     bbox = parse_bbox(config.bbox)
     interval = parse_datetime(config.datetime)
-    if config.max_items is not None and config.max_items < 1:
-        raise InvalidArgumentError(f"max_items must be at least 1, got {config.max_items}")
     catalog = resolve_catalog(config.catalog)
     collections = tuple(dict.fromkeys([*catalog.collections, *config.collections]))
     query = {

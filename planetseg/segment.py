@@ -214,10 +214,11 @@ class SegmentResult:
 # --------------------------------------------------------------------------- planning
 
 
-def select_times(values: Sequence[str], wanted: Sequence[str]) -> list[int]:
+def select_times(values: Sequence[str], wanted: Sequence[str], flag: str = "--time") -> list[int]:
     """Indices of the wanted times: an index (``0``, ``-1``) or a date/time prefix (``2020-02``).
 
-    Numbers of up to three digits are indices; ``2014`` is a year.
+    Numbers of up to three digits are indices; ``2014`` is a year. ``flag`` is the option the
+    times came from, named in the errors.
 
     Raises:
         InvalidArgumentError: a time that matches none, or several, of ``values``.
@@ -232,13 +233,14 @@ def select_times(values: Sequence[str], wanted: Sequence[str]) -> list[int]:
             i = int(w)
             if not -len(values) <= i < len(values):
                 raise InvalidArgumentError(
-                    f"time index {i} is out of range: the cube has {len(values)} time steps"
+                    f"{flag} {w}: time index {i} is out of range: the store has {len(values)} "
+                    "time steps"
                 )
             matches = [i % len(values)]
         if len(matches) != 1:
             what = "matches no" if not matches else "matches several"
             raise InvalidArgumentError(
-                f"--time {w} {what} time step of the cube (it has {', '.join(values)}): "
+                f"{flag} {w} {what} time step (the store has {', '.join(values)}): "
                 "give a date that picks one, or an index"
             )
         if matches[0] not in picked:
@@ -251,18 +253,20 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
 
     Raises:
         CatalogReadError / StoreMismatchError: not a complete cube.
-        CheckpointError: the model is damaged, or was trained on other bands.
+        CheckpointError: the model is damaged (its weights do not match the card's digest),
+            or was trained on other bands.
         MixedBodiesError: the cube is of another body than the model's (unless
             ``config.any_body``, which warns instead).
-        InvalidArgumentError: bad times, batch, halo or tile size.
+        InvalidArgumentError: bad times, or a tile size the model cannot take.
     """
     from planetseg.data import open_cube_dataset
-    from planetseg.export import read_card
+    from planetseg.export import load_model
     from planetseg.model import NetConfig, receptive_radius
 
     cube = Path(cube)
     ds = open_cube_dataset(cube)
-    card = read_card(config.model)
+    # The whole model, weights checked against the card's digest, before any store or worker.
+    _, card = load_model(config.model)
     bands = [str(b) for b in ds["band"].values]
     if bands != card["bands"]:
         raise CheckpointError(
@@ -294,8 +298,6 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
         )
     radius = receptive_radius(net)
     halo = config.halo if config.halo is not None else radius
-    if halo < 0:
-        raise InvalidArgumentError(f"--halo must be >= 0, got {halo}")
     halo = math.ceil(halo / net.divisor) * net.divisor  # keep windows on the pooling grid
     if halo < radius:
         warnings.warn(
@@ -304,10 +306,6 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
             PlanetsegWarning,
             stacklevel=2,
         )
-    if config.batch < 1:
-        raise InvalidArgumentError(f"--batch must be at least 1 tile, got {config.batch}")
-    if config.threads < 1:
-        raise InvalidArgumentError(f"--threads must be at least 1, got {config.threads}")
     values = [np.datetime_as_string(v, unit="s") for v in ds["time"].values]
     times = select_times(values, config.times)
     return SegmentPlan(
@@ -581,8 +579,6 @@ def _cube_attrs(cube: str) -> dict[str, Any]:
 def partition_size(config: SegmentConfig, client: Any) -> int:
     """Tasks kept on the cluster at once: ``config.partition``, or 4 per worker thread."""
     if config.partition is not None:
-        if config.partition < 1:
-            raise InvalidArgumentError(f"--partition must be at least 1, got {config.partition}")
         return config.partition
     if client is None:
         return 1

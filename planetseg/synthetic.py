@@ -100,11 +100,21 @@ _STREAM_TERRAIN, _STREAM_CRATERS, _STREAM_SHAPES, _STREAM_NOISE = 1, 2, 3, 4
 # Tries per crater before giving up on placing it (the scene is then simply a little sparser).
 # New craters are few and must land on untouched ground, so they get many more tries.
 _PLACEMENT_TRIES = 40
+#: Smallest scene side in pixels, whatever the craters.
+MIN_SIZE = 64
 _NEW_CRATER_TRIES = 1000
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def _require(ok: bool, name: str, what: str) -> None:
@@ -171,7 +181,8 @@ class SynthConfig:
 
     Attributes:
         seed: Seed of every random draw (integer >= 0).
-        size: Pixels per side of the square HR scene (>= 64).
+        size: Pixels per side of the square HR scene (>= 64, and twice the largest new
+            crater: 96 with the default ``new_crater_diameter_px``).
         gsd: Ground sample distance of the HR scene, metres per pixel (> 0).
         crs: Projected CRS (metres) of the grid: an IAU_2015 code puts the scene on that body
             (default: Moon equirectangular), an EPSG UTM code (e.g. ``"EPSG:32633"``) on Earth;
@@ -216,9 +227,22 @@ class SynthConfig:
     noise_std: float = 1.5
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        _require(_is_int(self.size) and self.size >= 64, "size", "an integer >= 64 pixels")
-        _require(math.isfinite(self.gsd) and self.gsd > 0, "gsd", "a positive number of metres")
+        _require(_is_int(self.seed) and self.seed >= 0, "--seed", "an integer >= 0")
+        new_range = tuple(float(v) for v in self.new_crater_diameter_px)
+        # New craters land inside the scene, so it must be at least twice the largest (96 px
+        # with the default new_crater_diameter_px).
+        smallest = max(MIN_SIZE, math.ceil(2 * max(new_range, default=0)))
+        _require(
+            _is_int(self.size) and self.size >= smallest,
+            "--size",
+            f"an integer >= {smallest} pixels (at least {MIN_SIZE}, and twice the largest new "
+            f"crater: new_crater_diameter_px max {max(new_range, default=0):g}), got {self.size}",
+        )
+        _require(
+            _is_number(self.gsd) and self.gsd > 0,
+            "--gsd",
+            f"a positive number of metres, got {self.gsd}",
+        )
         _require(
             math.isfinite(self.center_lat) and -90 < self.center_lat < 90,
             "center_lat",
@@ -258,7 +282,6 @@ class SynthConfig:
             "max_diameter_px",
             f"in ({self.min_diameter_px}, size / 2 = {self.size / 2}]",
         )
-        new_range = tuple(float(v) for v in self.new_crater_diameter_px)
         _require(
             len(new_range) == 2 and 3 <= new_range[0] <= new_range[1] <= self.size / 2,
             "new_crater_diameter_px",

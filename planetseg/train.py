@@ -14,6 +14,7 @@ metrics per validation), ``checkpoint.pt``, and at the end the exported model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -55,13 +56,14 @@ def train(cube: str | Path, config: TrainConfig) -> Path:
     data = open_cube(cube)
     _validate(data, config)
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
     if config.resume:
-        _read_checkpoint(run / CHECKPOINT)  # fail here, in one line, before any process starts
+        # Fail here, in one line, before any process starts.
+        _check_resume(_read_checkpoint(run / CHECKPOINT), data, config)
     elif (run / CHECKPOINT).exists():
         raise InvalidArgumentError(
             f"{run} already holds a run: pass --resume to continue it, or choose another --out"
         )
+    run.mkdir(parents=True, exist_ok=True)
     if "WORLD_SIZE" in os.environ:  # launched by torchrun
         _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), str(cube), config, None)
     elif config.nproc == 1:
@@ -77,20 +79,59 @@ def train(cube: str | Path, config: TrainConfig) -> Path:
 
 
 def _validate(data: CubeData, config: TrainConfig) -> None:
-    divisor = config.scale * 2 ** (config.depth - 1)
-    if config.crop % divisor:
-        raise InvalidArgumentError(
-            f"--crop {config.crop} must be a multiple of scale x 2**(depth-1) = {divisor}"
+    """The checks that need the cube (the config checked its own values when it was built)."""
+    split = spatial_split(data.image.shape[-1], config.val_fraction, multiple=config.crop)
+    WindowSampler(data, split, crop=config.crop, seed=config.seed)  # a window fits the strip
+
+
+#: The settings a checkpoint's weights depend on, and their flags: a resumed run keeps them.
+ARCHITECTURE = {
+    "scale": "--scale",
+    "width": "--width",
+    "depth": "--depth",
+    "head_channels": "head_channels",
+    "no_sr": "--no-sr",
+}
+
+
+def _setting(flag: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def _check_resume(state: dict[str, Any], data: CubeData, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint with settings or a cube its weights do not fit.
+
+    Raises:
+        InvalidArgumentError: a network setting (``--scale``, ``--width``, ...) differs from
+            the run's.
+        CheckpointError: the cube's bands differ from the run's, or the checkpoint's weights
+            do not fit the network these settings build.
+    """
+    run = Path(config.out)
+    saved = state.get("config") or {}
+    for name, flag in ARCHITECTURE.items():
+        if name in saved and saved[name] != getattr(config, name):
+            raise InvalidArgumentError(
+                f"--resume: the run in {run} used {_setting(flag, saved[name])}, not "
+                f"{_setting(flag, getattr(config, name))}: resume with the run's settings, or "
+                "choose another --out for a new run"
+            )
+    bands = state.get("bands")
+    if bands is not None and list(bands) != data.bands:
+        raise CheckpointError(
+            f"--resume: the run in {run} was trained on bands {list(bands)} and this cube has "
+            f"{data.bands}: resume on the run's cube, or choose another --out for a new run"
         )
-    if config.class_weights not in ("balanced", "none"):
-        raise InvalidArgumentError(
-            f"--class-weights must be balanced or none, got {config.class_weights!r}"
-        )
-    if config.nproc < 1:
-        raise InvalidArgumentError(f"--nproc must be at least 1, got {config.nproc}")
-    if config.batch_size % max(config.nproc, 1):
-        raise InvalidArgumentError(
-            f"--batch-size {config.batch_size} must be divisible by --nproc {config.nproc}"
+    model, _ = _build(data, config)
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.get("model", {}).items()}
+    if wanted != found:
+        raise CheckpointError(
+            f"--resume: the checkpoint in {run} holds a network that these settings and this "
+            "cube do not build (--scale, --width, --depth, --no-sr, bands or classes differ): "
+            "resume with the run's settings and cube, or choose another --out"
         )
 
 
@@ -224,7 +265,9 @@ def train_loop(
             log.flush()
         if done % config.checkpoint_every == 0 or done == config.steps:
             if rank == 0:
-                _save_checkpoint(run / CHECKPOINT, model, optimizer, scheduler, done)
+                _save_checkpoint(
+                    run / CHECKPOINT, model, optimizer, scheduler, done, config, data.bands
+                )
             if world > 1:
                 dist.barrier()
     if log is not None:
@@ -247,7 +290,16 @@ def train_loop(
     return model
 
 
-def _save_checkpoint(path: Path, model: DSRLNet, optimizer: Any, scheduler: Any, step: int) -> None:
+def _save_checkpoint(
+    path: Path,
+    model: DSRLNet,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    config: TrainConfig,
+    bands: list[str],
+) -> None:
+    """Write the run's state, with the settings and bands a resumed run is checked against."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -255,6 +307,8 @@ def _save_checkpoint(path: Path, model: DSRLNet, optimizer: Any, scheduler: Any,
         "step": step,
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": np.random.get_state()[1].tolist(),
+        "config": dataclasses.asdict(config),
+        "bands": list(bands),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

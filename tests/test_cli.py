@@ -79,7 +79,7 @@ def test_search_json_to_stdout(items_file: Path) -> None:
         (["--bbox", "0,-100,1,1"], ["outside the body's range"]),
         (["--datetime", "2024-02-01/2024-01-01"], ["reversed"]),
         (["--collection", "nope"], ["collection 'nope'"]),
-        (["--max-items", "0"], ["max_items"]),
+        (["--max-items", "0"], ["--max-items 0"]),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
