@@ -24,7 +24,7 @@ from planetseg.ingest import ingest, plan_ingest
 from planetseg.items import read_items
 from planetseg.search import search
 from planetseg.segment import segment
-from planetseg.store import get_attr
+from planetseg.store import get_attr, open_for_writing
 from planetseg.synthetic import SynthConfig, synthesize
 from tests.test_cli import assert_one_line_error, planetseg
 
@@ -61,9 +61,13 @@ def labels_store(world: dict[str, Path]) -> Path:
 # --------------------------------------------------------------------------- lost chunks
 
 
-def test_every_chunk_is_written_even_all_fill(world: dict[str, Path]) -> None:
+def test_every_chunk_is_written_even_all_fill(world: dict[str, Path], tmp_path: Path) -> None:
     # A chunk equal to the fill value would be skipped by zarr: then "missing" could not
-    # tell lost data from an empty tile. planetseg writes them all.
+    # tell lost data from an empty tile. planetseg's writers write them all.
+    store = tmp_path / "fill.zarr"
+    zarr.create_array(str(store), name="a", shape=(4, 4), chunks=(2, 2), dtype="uint8")
+    open_for_writing(store, "a")[:] = 0  # all fill
+    assert zarr.open_array(str(store), path="a", mode="r").nchunks_initialized == 4
     for name in ("image", "labels"):
         array = zarr.open_array(str(world["hr"]), path=name, mode="r")
         assert array.nchunks_initialized == array.nchunks, name
