@@ -647,6 +647,28 @@ def _print_craters(result: Any) -> None:
         out.print(table)
 
 
+# --------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A cube, labels store, model or change folder.")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also list every chunk and report missing ones.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+) -> None:
+    """What a store is: kind, grid, CRS and body, times, completeness, provenance, model."""
+    from planetseg.info import describe, summary
+
+    result = describe(path, verify=verify)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    for line in summary(result):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- synth, demo
 
 

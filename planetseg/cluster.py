@@ -102,7 +102,9 @@ def _cluster(config: ClusterConfig) -> Iterator[Any]:
             host=config.host,
             dashboard_address=_dashboard(config),
             processes=True,
-            silence_logs=logging.ERROR,
+            # A task's error reaches the client, which reports it (one line for a
+            # PlanetsegError): the worker's own "Compute Failed" log would repeat it.
+            silence_logs=logging.CRITICAL,
         ) as cluster:
             yield cluster
     elif config.kind == "cuda":
@@ -135,7 +137,7 @@ def _cuda_cluster(config: ClusterConfig) -> Iterator[Any]:
         threads_per_worker=1,
         ip=config.host,
         dashboard_address=_dashboard(config),
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,  # the client reports a task's error, see _cluster
     ) as cluster:
         yield cluster
 

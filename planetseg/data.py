@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from planetseg.errors import CatalogReadError, InvalidArgumentError, StoreMismatchError
+from planetseg.store import ChunkGuard
 
 MAX_IN_MEMORY = 4 * 2**30  # bytes of HR image held for sampling
 
@@ -147,6 +148,7 @@ def open_cube(path: str | Path) -> CubeData:
     Raises:
         CatalogReadError: not a readable cube.
         StoreMismatchError: the cube is unfinished.
+        StoreCorruptError: a chunk of it is missing or damaged.
         InvalidArgumentError: it has no labels, or is too large to hold in memory.
     """
     path = Path(path)
@@ -162,8 +164,9 @@ def open_cube(path: str | Path) -> CubeData:
             f"cube {path} holds {nbytes / 2**30:.1f} GiB of imagery, more than training reads "
             "into memory: ingest a smaller --bbox for training"
         )
-    image = ds["image"].values.astype(np.float32)
-    labels = ds["labels"].values.astype(np.int64)
+    guard = ChunkGuard.of(path, ds.attrs)  # every chunk read is checked: none stands in zeros
+    image = guard.read("image", read=lambda: ds["image"].values).astype(np.float32)
+    labels = guard.read("labels", read=lambda: ds["labels"].values).astype(np.int64)
     if labels.ndim == 2:
         labels = np.broadcast_to(labels, (image.shape[0], *labels.shape))
     x = ds["x"].values

@@ -50,6 +50,10 @@ class StoreMismatchError(PlanetsegError, FileExistsError):
     """An output store exists but holds something else than this run would write."""
 
 
+class StoreCorruptError(PlanetsegError, OSError):
+    """A store marked complete lost a chunk, or holds one that cannot be decoded."""
+
+
 class ClusterUnavailableError(PlanetsegError, ConnectionError):
     """A Dask scheduler address does not answer."""
 

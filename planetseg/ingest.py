@@ -55,10 +55,14 @@ from planetseg.errors import (
 from planetseg.items import Item, read_items
 from planetseg.search import parse_bbox
 from planetseg.store import (
+    EVERY_CHUNK,
     cf_attrs,
+    consolidate,
     done_markers,
     drop_partial_writes,
     get_attr,
+    missing_chunks,
+    open_for_writing,
     pixel_centres,
     progress_dir,
     set_attrs,
@@ -711,7 +715,8 @@ def read_state(store: Path) -> StoreState:
     )
 
 
-def _tile_marker(t: int | None, iy: int, ix: int) -> str:
+def tile_marker(t: int | None, iy: int, ix: int) -> str:
+    """Name of the marker a written tile leaves in the progress folder."""
     return f"s-{iy}-{ix}" if t is None else f"t{t}-{iy}-{ix}"
 
 
@@ -731,15 +736,14 @@ def _write_block(
 
     Runs on a worker. The arrays are opened once per block, not once per tile; a marker is
     touched only after its tile's chunks are written, so a kill never marks a tile done early.
+    Every chunk is written, all-fill ones too, so a missing chunk is always lost data.
 
     Returns:
         The number of tiles written.
     """
-    import zarr
-
     y0, x0 = origin
-    image_out = zarr.open_array(store, path="image", mode="r+") if image is not None else None
-    labels_out = zarr.open_array(store, path="labels", mode="r+") if labels is not None else None
+    image_out = open_for_writing(store, "image") if image is not None else None
+    labels_out = open_for_writing(store, "labels") if labels is not None else None
     marks = progress_dir(Path(store))
     for iy, ix in tiles:
         ys, xs = slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)
@@ -752,7 +756,7 @@ def _write_block(
                 labels_out[ys, xs] = labels[ly, lx]
             else:
                 labels_out[t, ys, xs] = labels[0, ly, lx]
-        (marks / _tile_marker(t, iy, ix)).touch()
+        (marks / tile_marker(t, iy, ix)).touch()
     return len(tiles)
 
 
@@ -875,16 +879,15 @@ def ingest(
         drop_partial_writes(store)
     progress_dir(store).mkdir(exist_ok=True)
     state = read_state(store)
-    ny, nx = plan.tiles_yx
-    todo: list[tuple[int | None, int, int]] = [
-        (t, iy, ix)
-        for t in range(state.times_done, len(plan.times))
-        for iy in range(ny)
-        for ix in range(nx)
-    ]
-    if not state.static_done:
-        todo += [(None, iy, ix) for iy in range(ny) for ix in range(nx)]
-    pending = [k for k in todo if _tile_marker(*k) not in state.done]
+    todo = unfinished_tiles(plan, state.times_done, state.static_done)
+    pending = [k for k in todo if tile_marker(*k) not in state.done]
+    lost = _lost_tiles(store, plan, known=set(todo)) if existed and not new_times else []
+    if lost:
+        # A complete store that lost chunks: rewrite their tiles, marked unfinished meanwhile.
+        logger.warning("%s: %d tile(s) lost chunks: rewriting them", store, len(lost))
+        set_attrs(store, **{"planetseg:complete": False})
+        pending += lost
+        todo = unfinished_tiles(plan)
     skipped = len(todo) - len(pending)
     if pending:
         _execute(
@@ -907,6 +910,7 @@ def ingest(
             "planetseg:static_done": True,
         },
     )
+    consolidate(store)
     shutil.rmtree(progress_dir(store), ignore_errors=True)
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
@@ -934,6 +938,42 @@ def _create_store(
     except BaseException:
         shutil.rmtree(store, ignore_errors=True)
         raise
+    consolidate(store)
+
+
+def unfinished_tiles(
+    plan: CubePlan, times_done: int = 0, static_done: bool | None = None
+) -> list[tuple[int | None, int, int]]:
+    """Tiles ``(time or None, row, column)`` after the first ``times_done`` time steps.
+
+    Time-less label tiles (``None``) come last, unless ``static_done`` (default: the plan
+    has none).
+    """
+    ny, nx = plan.tiles_yx
+    timed = range(times_done, len(plan.times))
+    tiles = [(t, iy, ix) for t in timed for iy in range(ny) for ix in range(nx)]
+    if not (static_done if static_done is not None else not plan.label_source):
+        tiles += [(None, iy, ix) for iy in range(ny) for ix in range(nx)]
+    return tiles
+
+
+def _lost_tiles(
+    store: Path, plan: CubePlan, *, known: set[tuple[int | None, int, int]]
+) -> list[tuple[int | None, int, int]]:
+    """Tiles outside ``known`` with a chunk missing, in a store that writes every chunk.
+
+    A full listing of the store: done when an ingest is re-run on an existing store, which is
+    how a store that lost chunks is repaired.
+    """
+    if not get_attr(store, EVERY_CHUNK):
+        return []
+    lost: set[tuple[int | None, int, int]] = set()
+    for t, _, iy, ix in missing_chunks(store, "image"):
+        lost.add((t, iy, ix))
+    if plan.label_asset or plan.label_source:
+        for coords in missing_chunks(store, "labels"):
+            lost.add((None, *coords) if len(coords) == 2 else coords)  # type: ignore[arg-type]
+    return sorted(lost - known, key=lambda k: (k[0] is None, k[0] or 0, k[1], k[2]))
 
 
 def _append_times(store: Path, plan: CubePlan, new_times: Sequence[TimeStep]) -> None:
@@ -957,6 +997,7 @@ def _append_times(store: Path, plan: CubePlan, new_times: Sequence[TimeStep]) ->
         }
     )
     zarr.open_group(str(store), mode="r+").attrs.update(attrs)
+    consolidate(store)  # the arrays' shapes changed
 
 
 def _store_attrs(
@@ -967,6 +1008,7 @@ def _store_attrs(
 ) -> dict[str, Any]:
     return {
         "planetseg:complete": False,
+        EVERY_CHUNK: True,
         "planetseg:times_done": 0,
         "planetseg:static_done": not plan.label_source,
         "planetseg:version": __version__,

@@ -46,6 +46,9 @@ def _suffix(path: Path) -> str:
 def read_items(path: str | os.PathLike[str]) -> list[Item]:
     """Read items from a FeatureCollection, a single item, NDJSON or stac-geoparquet file.
 
+    Relative asset hrefs are resolved against the file's folder (as STAC says), so a folder
+    of items and their assets can be copied or moved as a whole.
+
     Raises:
         CatalogReadError: the file is missing, unreadable, or holds no STAC items.
     """
@@ -76,7 +79,22 @@ def read_items(path: str | os.PathLike[str]) -> list[Item]:
     bad = [i for i, it in enumerate(items) if not _is_item(it)]
     if bad:
         raise CatalogReadError(f"{path}: entry {bad[0]} is not a STAC item (needs type, id)")
-    return items
+    return [absolute_hrefs(item, path.parent) for item in items]
+
+
+def absolute_hrefs(item: Item, base: str | os.PathLike[str]) -> Item:
+    """Make ``item``'s relative asset hrefs absolute, relative to ``base`` (in place).
+
+    Later stages (on any worker, from any directory) can then open them; URLs and absolute
+    paths are left as they are.
+    """
+    from urllib.parse import urlparse
+
+    for asset in item.get("assets", {}).values():
+        href = asset.get("href", "")
+        if href and not urlparse(href).scheme and not os.path.isabs(href):
+            asset["href"] = str((Path(base) / href).resolve())
+    return item
 
 
 def _is_item(obj: object) -> bool:

@@ -18,12 +18,15 @@ they give the same cube pixel for pixel.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import rasterio
+from odc.loader._rio import RioDriver, RioReader
 
 from planetseg.bodies import celestial_proj
-from planetseg.errors import InvalidArgumentError
+from planetseg.errors import AssetReadError, InvalidArgumentError
 from planetseg.items import Item
 
 if TYPE_CHECKING:
@@ -92,6 +95,7 @@ class OdcLoader:
                     nodata=nodata,
                     use_overviews=False,  # read full resolution, as stackstac does
                     fail_on_error=not plan.fill_missing,
+                    driver=NamingRioDriver(),
                 )
 
         ds = _yx(load(names, plan.dtype, plan.nodata, plan.resampling))
@@ -100,6 +104,61 @@ class OdcLoader:
         if plan.label_asset:
             out["labels"] = _yx(load([plan.label_asset], "uint8", 0, "nearest"))[plan.label_asset]
         return out.chunk({"time": 1, "band": -1})
+
+
+class NamingRioReader(RioReader):
+    """odc-loader's rasterio reader, whose read failures name the file in one line."""
+
+    def read(self, cfg: Any, dst_geobox: Any, **kwargs: Any) -> Any:
+        """See ``RioReader.read``.
+
+        Raises:
+            AssetReadError: the pixels cannot be read (a corrupt TIFF whose header opens).
+        """
+        try:
+            return super().read(cfg, dst_geobox, **kwargs)
+        except rasterio.errors.RasterioError as exc:
+            error = AssetReadError(
+                f"cannot read the pixels of {self._src.uri} (band {self._src.band}): "
+                f"{_gdal_reason(exc)}; replace the file (or pass --fill-missing to fill it "
+                "with nodata) and re-run: the store stays unfinished and resumes"
+            )
+        # Raised outside the handler, so without rasterio's exceptions as its context: this
+        # runs on a worker, and distributed sends the chain too, where GDAL's errors do not
+        # unpickle and the client would get a bare Exception instead.
+        raise error
+
+
+class NamingRioDriver(RioDriver):
+    """odc-loader's rasterio driver with :class:`NamingRioReader`."""
+
+    def open(self, src: Any, ctx: Any) -> NamingRioReader:
+        """See ``RioDriver.open``."""
+        _quiet_odc_read_errors()
+        return NamingRioReader(src, ctx)
+
+
+def _gdal_reason(exc: BaseException) -> str:
+    """The innermost GDAL message of a rasterio error (``Read failed`` says nothing)."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if str(cause):
+            reason = str(cause).splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
+    return reason
+
+
+class _FailedLoadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load")
+
+
+def _quiet_odc_read_errors() -> None:
+    """Drop odc-loader's log line of a failed read: the AssetReadError says it, in one line."""
+    log = logging.getLogger("odc.loader._rio")
+    if not any(isinstance(f, _FailedLoadFilter) for f in log.filters):
+        log.addFilter(_FailedLoadFilter())
 
 
 def _yx(ds: xr.Dataset) -> xr.Dataset:

@@ -24,7 +24,7 @@ import numpy as np
 from planetseg import __version__
 from planetseg.bodies import Body, body_of_crs, parse_crs
 from planetseg.errors import CatalogReadError, InvalidArgumentError, MixedBodiesError
-from planetseg.store import transform_from_cf
+from planetseg.store import ChunkGuard, transform_from_cf
 
 #: Largest grid a product holds in memory at once (pixels of one time step).
 MAX_PIXELS = 2**30
@@ -113,10 +113,15 @@ class LabelsStore:
         return xr.open_zarr(self.path, consolidated=False)
 
     def read(self, t: int, name: str = "labels") -> np.ndarray:
-        """One time step of ``labels`` (uint8) or ``confidence`` (float32 0..1, NaN unset)."""
+        """One time step of ``labels`` (uint8) or ``confidence`` (float32 0..1, NaN unset).
+
+        Raises:
+            StoreCorruptError: a chunk of it is missing or damaged.
+        """
         if name not in self.dataset:
             raise CatalogReadError(f"{self.path} has no {name} variable")
-        return np.asarray(self.dataset[name][t].values)
+        guard = ChunkGuard.of(self.path, self.attrs)  # a lost chunk is an error, not zeros
+        return guard.read(name, (t,), read=lambda: np.asarray(self.dataset[name][t].values))
 
     def same_grid(self, other: LabelsStore) -> None:
         """Refuse two stores that are not on the same grid of the same body.

@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,7 +36,14 @@ from planetseg.errors import (
     InvalidArgumentError,
     PlanetsegWarning,
 )
-from planetseg.items import ITEM_SUFFIXES, Item, isoformat, raster_item, read_items
+from planetseg.items import (
+    ITEM_SUFFIXES,
+    Item,
+    absolute_hrefs,
+    isoformat,
+    raster_item,
+    read_items,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -361,8 +367,7 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
 
 
 def _read_local_items(path: Path) -> Iterator[Item]:
-    for item in read_items(path):
-        yield _absolute_hrefs(item, path.parent)
+    yield from read_items(path)  # relative hrefs resolved against the file
 
 
 def _peek(path: Path) -> dict[str, Any]:
@@ -407,20 +412,15 @@ def _walk_static(path: Path, collections: set[str], seen: set[Path]) -> Iterator
             item = _load_json(target)
             if doc.get("type") == "Collection":
                 item.setdefault("collection", doc.get("id"))
-            yield _absolute_hrefs(item, target.parent)
-
-
-def _absolute_hrefs(item: Item, base: Path) -> Item:
-    """Make relative asset hrefs absolute so later stages can open them from anywhere."""
-    for asset in item.get("assets", {}).values():
-        href = asset.get("href", "")
-        if href and not urlparse(href).scheme and not os.path.isabs(href):
-            asset["href"] = str((base / href).resolve())
-    return item
+            yield absolute_hrefs(item, target.parent)
 
 
 def _cog_item(path: Path) -> Item:
-    """Describe a GeoTIFF found in a folder as an item of a collection named after the folder."""
+    """Describe a GeoTIFF found in a folder as an item of a collection named after the folder.
+
+    Raises:
+        CatalogReadError: the file cannot be opened, or tells no acquisition time.
+    """
     import rasterio
 
     try:
@@ -428,20 +428,51 @@ def _cog_item(path: Path) -> Item:
             stamp = src.tags().get("TIFFTAG_DATETIME")
     except rasterio.errors.RasterioIOError as exc:
         raise CatalogReadError(f"cannot read {path}: {_one_line(exc)}") from exc
-    props: dict[str, Any] = {}
-    if stamp:
-        when = dt.datetime.strptime(stamp, "%Y:%m:%d %H:%M:%S").replace(tzinfo=dt.UTC)
-    else:
-        # No acquisition time in the file: the modification time is the best available, and
-        # the item says so rather than pretending.
-        when = dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.UTC)
-        props["planetseg:datetime_source"] = "file-mtime"
+    when, source = _cog_time(path, stamp)
     return raster_item(
         path.stem,
         {"image": {"href": str(path.resolve()), "roles": ["data"]}},
         datetime=when,
         collection=path.parent.resolve().name,
-        properties=props,
+        properties={"planetseg:datetime_source": source},
+    )
+
+
+#: Dates in file names: 2014-03-01, 2014-03-01T12:00:00 (or 12-00-00), 20140301, 20140301T120000.
+_NAME_DATES = (
+    re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?:[T_ ](\d{2})[:-]?(\d{2})[:-]?(\d{2}))?(?!\d)"),
+    re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?:T(\d{2})(\d{2})(\d{2}))?(?!\d)"),
+)
+
+
+def _cog_time(path: Path, stamp: str | None) -> tuple[dt.datetime, str]:
+    """A GeoTIFF's acquisition time and where it came from: its DateTime tag, else its name.
+
+    Never the file's modification time: copies made on one day would merge into one epoch.
+
+    Raises:
+        CatalogReadError: neither the tag nor the name holds a date.
+    """
+    if stamp:
+        try:
+            when = dt.datetime.strptime(stamp.strip(), "%Y:%m:%d %H:%M:%S")
+            return when.replace(tzinfo=dt.UTC), "tiff-datetime"
+        except ValueError:
+            pass  # a malformed tag: the name may still tell
+    for pattern in _NAME_DATES:
+        for match in pattern.finditer(path.name):
+            parts = [int(v) for v in match.groups(default="0")]
+            try:
+                when = dt.datetime(*parts, tzinfo=dt.UTC)  # type: ignore[misc]
+            except ValueError:
+                continue  # 8 digits that are not a date (an orbit number, say)
+            if 1900 <= when.year <= 2200:
+                return when, "file-name"
+    bad = f" (its DateTime tag {stamp!r} is not 'YYYY:MM:DD HH:MM:SS')" if stamp else ""
+    raise CatalogReadError(
+        f"{path} tells no acquisition time{bad}: set its TIFF DateTime tag (gdal_edit.py -mo "
+        "TIFFTAG_DATETIME='2014:03:01 12:00:00'), put the date in its name "
+        "(scene_2014-03-01.tif), or describe the files with a STAC items file"
     )
 
 

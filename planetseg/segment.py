@@ -48,10 +48,15 @@ from planetseg.errors import (
     StoreMismatchError,
 )
 from planetseg.store import (
+    EVERY_CHUNK,
+    ChunkGuard,
     cf_attrs,
+    consolidate,
     done_markers,
     drop_partial_writes,
     get_attr,
+    missing_chunks,
+    open_for_writing,
     pixel_centres,
     progress_dir,
     set_attrs,
@@ -361,7 +366,8 @@ def worker_model(path: str, digest: str) -> tuple[Any, dict[str, Any]]:
         return _MODELS[digest]
 
 
-def _task_marker(index: int) -> str:
+def task_marker(index: int) -> str:
+    """Name of the marker a finished task leaves in the progress folder."""
     return f"task-{index}"
 
 
@@ -386,10 +392,10 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     x0, x1 = ix0 * tile, min(ix1 * tile, w)
     ya, yb = max(y0 - halo, 0), min(y1 + halo, h)
     xa, xb = max(x0 - halo, 0), min(x1 + halo, w)
-    image = zarr.open_array(plan.cube, path="image", mode="r")
-    window = torch.from_numpy(
-        np.asarray(image[plan.times[t_pos], :, ya:yb, xa:xb], dtype=np.float32)[None]
-    )
+    # The chunks read are checked (a stat each): a lost one is an error, not zeros.
+    guard = ChunkGuard.of(plan.cube, dict(zarr.open_group(plan.cube, mode="r").attrs))
+    region = guard.read("image", (plan.times[t_pos], slice(None), slice(ya, yb), slice(xa, xb)))
+    window = torch.from_numpy(np.asarray(region, dtype=np.float32)[None])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
     device = next(net.parameters()).device
@@ -399,8 +405,8 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     confidence, labels = prob.max(dim=0)
     labels_np = labels.to(torch.uint8).cpu().numpy()
     conf_np = torch.round(confidence * CONFIDENCE_STEPS).to(torch.uint8).cpu().numpy()
-    labels_out = zarr.open_array(out, path="labels", mode="r+")
-    conf_out = zarr.open_array(out, path="confidence", mode="r+")
+    labels_out = open_for_writing(out, "labels")
+    conf_out = open_for_writing(out, "confidence")
     ys = slice(y0 * s, y1 * s)
     # One chunk per output tile: write tile by tile so every write is a whole chunk.
     for ix in range(ix0, ix1):
@@ -408,7 +414,7 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
         lx = slice(cx0 - x0 * s, cx1 - x0 * s)
         labels_out[t_pos, ys, cx0:cx1] = labels_np[:, lx]
         conf_out[t_pos, ys, cx0:cx1] = conf_np[:, lx]
-    (progress_dir(Path(out)) / _task_marker(index)).touch()
+    (progress_dir(Path(out)) / task_marker(index)).touch()
     return ix1 - ix0
 
 
@@ -461,6 +467,7 @@ def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_att
     ds.attrs.update(
         {
             "planetseg:complete": False,
+            EVERY_CHUNK: True,
             "planetseg:product": "labels",
             "planetseg:version": __version__,
             "planetseg:segment": plan.to_json(),
@@ -496,6 +503,7 @@ def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_att
     except BaseException:
         shutil.rmtree(store, ignore_errors=True)
         raise
+    consolidate(store)
 
 
 def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
@@ -522,7 +530,7 @@ def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
 
 
 def _pending(plan: SegmentPlan, done: set[str]) -> Iterator[int]:
-    return (i for i in range(plan.n_tasks) if _task_marker(i) not in done)
+    return (i for i in range(plan.n_tasks) if task_marker(i) not in done)
 
 
 def segment(
@@ -552,9 +560,16 @@ def segment(
     store = Path(config.out)
     complete, done = _existing(store, plan)
     kept = sum(plan.tiles_of(int(m.split("-")[1])) for m in done if m.startswith("task-"))
-    if complete:
+    lost = _lost_tasks(store, plan) if complete else set()
+    if complete and not lost:
         logger.info("%s is complete: nothing to do", store)
         return SegmentResult(store, plan, 0, plan.n_tiles, _export_cogs(store, plan, config))
+    if lost:
+        # A complete store that lost chunks: redo their tasks, marked unfinished meanwhile.
+        logger.warning("%s: %d task(s) lost chunks: segmenting them again", store, len(lost))
+        set_attrs(store, **{"planetseg:complete": False})
+        done = {task_marker(i) for i in range(plan.n_tasks) if i not in lost}
+        kept = plan.n_tiles - sum(plan.tiles_of(i) for i in lost)
     if not (store / "zarr.json").exists():
         _create_store(store, plan, read_card(config.model), _cube_attrs(plan.cube))
     else:
@@ -565,9 +580,22 @@ def segment(
         progress(kept, total)
     computed = _run(plan, str(store), _pending(plan, done), client, config, progress, kept, total)
     set_attrs(store, **{"planetseg:complete": True})
+    consolidate(store)
     shutil.rmtree(progress_dir(store), ignore_errors=True)
     logger.info("%s: %d tiles segmented, %d kept", store, computed, kept)
     return SegmentResult(store, plan, computed, kept, _export_cogs(store, plan, config))
+
+
+def _lost_tasks(store: Path, plan: SegmentPlan) -> set[int]:
+    """Tasks of a complete store (that writes every chunk) whose output chunks are missing."""
+    if not get_attr(store, EVERY_CHUNK):
+        return set()
+    per_time = plan.tiles_yx[0] * plan.runs_per_row
+    return {
+        t * per_time + iy * plan.runs_per_row + ix // plan.batch
+        for name in ("labels", "confidence")
+        for t, iy, ix in missing_chunks(store, name)
+    }
 
 
 def _cube_attrs(cube: str) -> dict[str, Any]:

@@ -825,14 +825,14 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
       showing it), ``x``, ``y`` (CRS metres), ``row``, ``col`` (fractional HR pixel coordinates:
       the centre pixel is ``(floor(row), floor(col))``) and ``diameter_px``. Diameters are
       measured on the grid, in CRS metres.
-    * ``items.ndjson``: one STAC item per epoch (assets ``image`` and ``labels`` with absolute
-      file hrefs, ``proj:code``/``proj:wkt2``, ``view:sun_azimuth``/``view:sun_elevation``,
-      ``gsd``, ``planetseg:epoch``).
+    * ``items.ndjson``: one STAC item per epoch (assets ``image`` and ``labels`` with file
+      hrefs relative to it, ``proj:code``/``proj:wkt2``,
+      ``view:sun_azimuth``/``view:sun_elevation``, ``gsd``, ``planetseg:epoch``).
     * ``collection.json``: the STAC collection ``synthetic-<body>`` (extent, gsd and
       ``classification:classes`` summaries, ``item_assets``, the generating config).
 
-    All outputs are byte-identical for the same config and output directory; only the item
-    hrefs depend on the directory.
+    All outputs are byte-identical for the same config, in any output directory, and the
+    world can be copied or moved as a whole.
 
     Args:
         out_dir: Directory to write into.
@@ -897,6 +897,10 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
             },
         )
         item["stac_extensions"] += [VIEW_SCHEMA, CLASSIFICATION_SCHEMA]
+        # Hrefs relative to items.ndjson, which sits beside the COGs: a copied world reads
+        # its own files, never the original's.
+        for asset in item["assets"].values():
+            asset["href"] = Path(asset["href"]).name
         items.append(item)
     items_path = write_items(items, root / "items.ndjson")
 
