@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shlex
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +29,7 @@ from planetseg.errors import (
     InvalidArgumentError,
     PlanetsegError,
     PlanetsegWarning,
+    TrainingInterrupted,
 )
 
 app = typer.Typer(
@@ -372,6 +376,7 @@ def train(
 ) -> None:
     """Train the DSRL network on a cube (torch DDP) and export the segmentation model."""
     from planetseg.config import TrainConfig
+    from planetseg.train import distributed_env
     from planetseg.train import train as run_train
 
     config = TrainConfig(
@@ -396,12 +401,90 @@ def train(
         checkpoint_every=checkpoint_every,
         resume=resume,
     )
-    model = run_train(cube, config)
+    try:
+        with _train_progress() as update:
+            model = run_train(cube, config, progress=update)
+    except TrainingInterrupted as exc:
+        again = ["planetseg", *sys.argv[1:], *([] if resume else ["--resume"])]
+        err.print(
+            f"planetseg: interrupted at step {exc.step}; resume with: {shlex.join(again)}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(exc.exit_code) from None
+    if (distributed_env() or (0, 1))[0] != 0:
+        return  # under torchrun, rank 0 speaks for the run
     from planetseg.export import load_model
 
     _, card = load_model(model)
     out.print(f"model -> {model} ({card['digest'][:19]}...)")
     _print_scores(card["metrics"])
+
+
+@contextmanager
+def _train_progress() -> Iterator[Callable[[Any], None]]:
+    """Train's progress: a bar with the loss and step rate in a terminal, else a log line.
+
+    Off a terminal (logs, batch jobs) a line is printed after the first step, then at most
+    every :data:`_LOG_EVERY_S` seconds, and after the last.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not err.is_terminal:
+        last = -math.inf
+
+        def log(p: Any) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if p.step < p.steps and now - last < _LOG_EVERY_S:
+                return
+            last = now
+            parts = " ".join(f"{k} {v:.3g}" for k, v in p.losses.items() if k != "loss")
+            err.print(
+                f"planetseg: train step {p.step}/{p.steps} loss {p.losses['loss']:.4g} "
+                f"({parts}) {p.steps_per_s:.2f} steps/s",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
+
+        yield log
+        return
+    with Progress(
+        "[bold]train[/bold]",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("train", total=None, loss="-", rate="-")
+
+        def update(p: Any) -> None:
+            bar.update(
+                task,
+                completed=p.step,
+                total=p.steps,
+                loss=f"{p.losses['loss']:.4f}",
+                rate=f"{p.steps_per_s:.2f}",
+            )
+
+        yield update
+
+
+#: Seconds between train's progress lines when stderr is not a terminal.
+_LOG_EVERY_S = 15.0
 
 
 @app.command()
