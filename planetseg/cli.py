@@ -543,6 +543,9 @@ def train(
             markup=False,
         )
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # before the loop took over the signals: nothing was trained
+        err.print("planetseg: interrupted before the first step; run the same command again")
+        raise typer.Exit(130) from None
     if (distributed_env() or (0, 1))[0] != 0:
         return  # under torchrun, rank 0 speaks for the run
     from planetseg.export import load_model
