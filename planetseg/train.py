@@ -185,25 +185,28 @@ def _stop_on_signals() -> Iterator[_StopSignal]:
     Signal handlers can only be set from the main thread; elsewhere the request never comes.
     """
     stop = _StopSignal()
-    if threading.current_thread() is not threading.main_thread():
+    with _handling_signals(stop):
         yield stop
-        return
-    previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextmanager
 def _signals_ignored() -> Iterator[None]:
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    with _handling_signals(signal.SIG_IGN):
+        yield
+
+
+@contextmanager
+def _handling_signals(handler: Any) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM in the block (main thread only), then the previous."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def _agreed_stop(stop: _StopSignal | None, world: int, device: torch.device) -> int:
@@ -377,7 +380,7 @@ def train_loop(
                 log.close()
             raise TrainingInterrupted(
                 f"interrupted at step {step} of {config.steps} ({signal.Signals(signum).name}); "
-                f"{run / CHECKPOINT} holds it: continue with --resume",
+                f"{run / CHECKPOINT} holds that step to resume from",
                 step,
                 signum,
             )
