@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shlex
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,9 +29,56 @@ from planetseg.errors import (
     InvalidArgumentError,
     PlanetsegError,
     PlanetsegWarning,
+    TrainingInterrupted,
 )
 
-app = typer.Typer(
+#: Metavars of option types, as mature CLIs print them (typer 0.29 shows ``<int>``, ``<bool>``).
+_METAVARS = {"<int>": "N", "<float>": "FLOAT", "<str>": "TEXT", "<path>": "PATH"}
+
+
+def _conventional_metavars(ctx: Any, params: list[Any]) -> None:
+    """Flags take no value, typed options show N/FLOAT/TEXT/PATH, arguments their name.
+
+    Repeatable options show their element's metavar (their help says "repeatable"). Explicit
+    metavars are kept.
+    """
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if isinstance(param, typer.core.TyperArgument):
+            param.metavar = param.name.upper()
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif isinstance(param, typer.core.TyperOption):
+            shown = param.display_type(ctx)
+            element = shown.removeprefix("<list[").removesuffix("]>")
+            param.metavar = _METAVARS.get(shown) or _METAVARS.get(f"<{element}>") or shown
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        _conventional_metavars(ctx, params)
+        return params
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        _conventional_metavars(ctx, params)
+        return params
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands print conventional metavars (see :class:`_Command`)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     name="planetseg",
     help="Segment remote-sensing imagery of the Earth, the Moon and Mars at scale.",
     no_args_is_help=True,
@@ -70,9 +120,14 @@ def _main(
 CollectionOpt = Annotated[
     list[str] | None, typer.Option("--collection", help="Collection id (repeatable).")
 ]
-BBoxOpt = Annotated[str | None, typer.Option(help="W,S,E,N in the body's lon/lat degrees.")]
+BBoxOpt = Annotated[
+    str | None, typer.Option(metavar="W,S,E,N", help="Area in the body's lon/lat degrees.")
+]
 DatetimeOpt = Annotated[
-    str | None, typer.Option("--datetime", help="RFC 3339 instant or interval A/B ('..' open).")
+    str | None,
+    typer.Option(
+        "--datetime", metavar="DATETIME", help="RFC 3339 instant or interval A/B ('..' open)."
+    ),
 ]
 
 
@@ -217,18 +272,38 @@ def _computing(what: str, config: Any) -> Iterator[tuple[Any, Callable[[int, int
         yield client, update
 
 
+# The Dask cluster a command computes on, in a help panel of their own.
+CLUSTER = "Dask cluster"
 ClusterOpt = Annotated[
     str,
-    typer.Option(help="none, local, cuda, slurm, pbs, or a scheduler address tcp://HOST:PORT."),
+    typer.Option(
+        metavar="KIND|ADDRESS",
+        help="none, local, cuda, slurm, pbs, or a scheduler address tcp://HOST:PORT.",
+        rich_help_panel=CLUSTER,
+    ),
 ]
-WorkersOpt = Annotated[int | None, typer.Option(help="Workers of a local/cuda cluster.")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="Threads per worker.")]
-JobsOpt = Annotated[int, typer.Option(help="Batch jobs to submit (slurm, pbs).")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(help="Dask worker processes of a local/cuda cluster.", rich_help_panel=CLUSTER),
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(help="Dask threads per worker.", rich_help_panel=CLUSTER)
+]
+JobsOpt = Annotated[
+    int, typer.Option(help="Batch jobs to submit (slurm, pbs).", rich_help_panel=CLUSTER)
+]
 ClusterFileOpt = Annotated[
     Path | None,
-    typer.Option("--cluster-config", help="dask-jobqueue settings; default: cluster/<kind>.yaml."),
+    typer.Option(
+        "--cluster-config",
+        help="dask-jobqueue settings; default: cluster/<kind>.yaml.",
+        rich_help_panel=CLUSTER,
+    ),
 ]
-HostOpt = Annotated[str, typer.Option(help="Interface the scheduler and dashboard bind to.")]
+HostOpt = Annotated[
+    str,
+    typer.Option(help="Interface the scheduler and dashboard bind to.", rich_help_panel=CLUSTER),
+]
 
 
 @app.command()
@@ -340,38 +415,99 @@ def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
 # --------------------------------------------------------------------------- train, evaluate
 
 
+MODEL, TRAINING, PROCESSES, RUN = "Model", "Training", "Processes", "Run directory"
+
+
 @app.command()
 def train(
     cube: Annotated[Path, typer.Argument(help="A complete cube with labels.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
-    scale: Annotated[int, typer.Option(help="Output/input resolution ratio: 2 or 4.")] = 2,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Windows per step, all processes.")] = 8,
-    crop: Annotated[int, typer.Option(help="HR window size in pixels.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
-    no_sr: Annotated[
-        bool, typer.Option("--no-sr", help="Segmentation-only baseline (no SR branch, no FA).")
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Run directory: checkpoint, metrics, model/.", rich_help_panel=RUN
+        ),
+    ],
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the run's checkpoint.", rich_help_panel=RUN),
     ] = False,
-    w_sr: Annotated[float, typer.Option(help="Weight of the SR loss.")] = 0.1,
-    w_fa: Annotated[float, typer.Option(help="Weight of the feature-affinity loss.")] = 1.0,
+    scale: Annotated[
+        int, typer.Option(help="Output/input resolution ratio: 2 or 4.", rich_help_panel=MODEL)
+    ] = 2,
+    width: Annotated[
+        int, typer.Option(help="Channels of the first encoder level.", rich_help_panel=MODEL)
+    ] = 16,
+    depth: Annotated[int, typer.Option(help="Encoder levels.", rich_help_panel=MODEL)] = 3,
+    no_sr: Annotated[
+        bool,
+        typer.Option(
+            "--no-sr",
+            help="Segmentation-only baseline (no SR branch, no FA).",
+            rich_help_panel=MODEL,
+        ),
+    ] = False,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.", rich_help_panel=TRAINING)] = 300,
+    batch_size: Annotated[
+        int, typer.Option(help="Windows per step, over all processes.", rich_help_panel=TRAINING)
+    ] = 8,
+    crop: Annotated[
+        int, typer.Option(help="HR window size in pixels.", rich_help_panel=TRAINING)
+    ] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAINING)] = 2e-3,
+    w_sr: Annotated[
+        float, typer.Option(help="Weight of the SR loss.", rich_help_panel=TRAINING)
+    ] = 0.1,
+    w_fa: Annotated[
+        float,
+        typer.Option(help="Weight of the feature-affinity loss.", rich_help_panel=TRAINING),
+    ] = 1.0,
     class_weights: Annotated[
-        str, typer.Option(help="balanced (median-frequency) or none: cross-entropy weights.")
+        str,
+        typer.Option(
+            metavar="balanced|none",
+            help="Cross-entropy weights: median-frequency balanced, or none.",
+            rich_help_panel=TRAINING,
+        ),
     ] = "balanced",
     psf_sigma: Annotated[
-        float, typer.Option(help="Degradation PSF sigma in LR pixels (0: box average only).")
+        float,
+        typer.Option(
+            help="Degradation PSF sigma in LR pixels (0: box average only).",
+            rich_help_panel=TRAINING,
+        ),
     ] = 0.5,
-    noise: Annotated[float, typer.Option(help="Degradation noise (normalised units).")] = 0.0,
-    width: Annotated[int, typer.Option(help="Channels of the first encoder level.")] = 16,
-    depth: Annotated[int, typer.Option(help="Encoder levels.")] = 3,
-    nproc: Annotated[int, typer.Option(help="DDP processes on this node.")] = 1,
-    torch_threads: Annotated[int, typer.Option(help="Torch threads per process.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of weights, windows and noise.")] = 0,
-    val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 100,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's checkpoint.")] = False,
+    noise: Annotated[
+        float,
+        typer.Option(help="Degradation noise (normalised units).", rich_help_panel=TRAINING),
+    ] = 0.0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of weights, windows and noise.", rich_help_panel=TRAINING)
+    ] = 0,
+    val_every: Annotated[
+        int, typer.Option(help="Steps between validations.", rich_help_panel=TRAINING)
+    ] = 100,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Steps between checkpoints.", rich_help_panel=TRAINING)
+    ] = 50,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="DDP processes on this node (under torchrun: leave at 1).",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = 1,
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            "--torch-threads",
+            help="Torch threads per process (train uses no Dask cluster).",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = 1,
 ) -> None:
     """Train the DSRL network on a cube (torch DDP) and export the segmentation model."""
     from planetseg.config import TrainConfig
+    from planetseg.train import distributed_env
     from planetseg.train import train as run_train
 
     config = TrainConfig(
@@ -396,12 +532,93 @@ def train(
         checkpoint_every=checkpoint_every,
         resume=resume,
     )
-    model = run_train(cube, config)
+    try:
+        with _train_progress() as update:
+            model = run_train(cube, config, progress=update)
+    except TrainingInterrupted as exc:
+        again = ["planetseg", *sys.argv[1:], *([] if resume else ["--resume"])]
+        err.print(
+            f"planetseg: interrupted at step {exc.step}; resume with: {shlex.join(again)}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # before the loop took over the signals: nothing was trained
+        err.print("planetseg: interrupted before the first step; run the same command again")
+        raise typer.Exit(130) from None
+    if (distributed_env() or (0, 1))[0] != 0:
+        return  # under torchrun, rank 0 speaks for the run
     from planetseg.export import load_model
 
     _, card = load_model(model)
     out.print(f"model -> {model} ({card['digest'][:19]}...)")
     _print_scores(card["metrics"])
+
+
+@contextmanager
+def _train_progress() -> Iterator[Callable[[Any], None]]:
+    """Train's progress: a bar with the loss and step rate in a terminal, else a log line.
+
+    Off a terminal (logs, batch jobs) a line is printed after the first step, then at most
+    every :data:`_LOG_EVERY_S` seconds, and after the last.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not err.is_terminal:
+        last = -math.inf
+
+        def log(p: Any) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if p.step < p.steps and now - last < _LOG_EVERY_S:
+                return
+            last = now
+            parts = " ".join(f"{k} {v:.3g}" for k, v in p.losses.items() if k != "loss")
+            err.print(
+                f"planetseg: train step {p.step}/{p.steps} loss {p.losses['loss']:.4g} "
+                f"({parts}) {p.steps_per_s:.2f} steps/s",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
+
+        yield log
+        return
+    with Progress(
+        "[bold]train[/bold]",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("train", total=None, loss="-", rate="-")
+
+        def update(p: Any) -> None:
+            bar.update(
+                task,
+                completed=p.step,
+                total=p.steps,
+                loss=f"{p.losses['loss']:.4f}",
+                rate=f"{p.steps_per_s:.2f}",
+            )
+
+        yield update
+
+
+#: Seconds between train's progress lines when stderr is not a terminal.
+_LOG_EVERY_S = 15.0
 
 
 @app.command()
@@ -455,7 +672,9 @@ def segment(
     partition: Annotated[
         int | None, typer.Option(help="Tasks on the cluster at once; default 4 per thread.")
     ] = None,
-    torch_threads: Annotated[int, typer.Option(help="Torch threads per task.")] = 1,
+    torch_threads: Annotated[
+        int, typer.Option(help="Torch threads per task (one task per Dask worker thread).")
+    ] = 1,
     cog: Annotated[Path | None, typer.Option(help="Also write COGs into this folder.")] = None,
     any_body: Annotated[
         bool, typer.Option("--any-body", help="Allow a cube of another body than the model's.")

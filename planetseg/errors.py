@@ -62,6 +62,21 @@ class CheckpointError(PlanetsegError, OSError):
     """A checkpoint or exported model is missing, damaged, or does not fit the data."""
 
 
+class TrainingInterrupted(PlanetsegError):
+    """Training stopped on SIGINT or SIGTERM, after saving a checkpoint to resume from.
+
+    Attributes:
+        step: Steps done, and the step of the checkpoint ``--resume`` continues from.
+        signum: The signal that stopped it; the exit code is ``128 + signum`` (130 for Ctrl-C).
+    """
+
+    def __init__(self, message: str, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class CRSError(PlanetsegError, ValueError):
     """A CRS is missing, unknown, or belongs to another body than expected."""
 

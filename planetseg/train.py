@@ -1,8 +1,14 @@
 """The ``train`` stage: the DSRL network on a cube, with torch DDP, checkpoints and export.
 
-One process per device (gloo on CPU, NCCL on GPU). ``nproc > 1`` on one node is launched here
-with ``torch.multiprocessing``; under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) each process
-simply joins the group torchrun made, so multi-node runs work the usual way.
+One process per device (gloo on CPU, NCCL on GPU). ``nproc > 1`` on one node is launched here:
+rank 0 runs in the calling process (so progress callbacks and signals need no plumbing), ranks
+1.. in processes started with ``torch.multiprocessing``. Under ``torchrun`` (``RANK``/
+``WORLD_SIZE`` set) each process simply joins the group torchrun made, so multi-node runs work
+the usual way; only rank 0 reports progress, and every rank returns once the model is exported.
+
+SIGINT and SIGTERM stop a run cleanly: the ranks agree on the signal at the next step boundary,
+rank 0 checkpoints that step, and :class:`~planetseg.errors.TrainingInterrupted` says where
+``--resume`` continues.
 
 Reproducible by construction: every rank's batch is a pure function of (seed, step, rank)
 (:class:`~planetseg.data.WindowSampler`), algorithms are deterministic on the CPU, and a
@@ -19,8 +25,13 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +41,7 @@ from torch import distributed as dist
 
 from planetseg.config import TrainConfig
 from planetseg.data import CubeData, Degradation, Split, WindowSampler, open_cube, spatial_split
-from planetseg.errors import CheckpointError, InvalidArgumentError
+from planetseg.errors import CheckpointError, InvalidArgumentError, TrainingInterrupted
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss
 
@@ -46,15 +57,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(cube: str | Path, config: TrainConfig) -> Path:
+@dataclass(frozen=True)
+class TrainProgress:
+    """What rank 0 reports after every optimiser step.
+
+    Attributes:
+        step: Steps done.
+        steps: Steps of the whole run.
+        losses: This step's losses: ``loss`` and ``ce``, plus ``mse`` and ``fa`` with the SR
+            branch.
+        steps_per_s: Steps per second since this process started (or resumed) training.
+    """
+
+    step: int
+    steps: int
+    losses: dict[str, float]
+    steps_per_s: float
+
+
+Progress = Callable[[TrainProgress], None]
+
+
+def distributed_env() -> tuple[int, int] | None:
+    """``(rank, world size)`` of this process when torchrun launched it, else None."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def train(cube: str | Path, config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train on ``cube`` into ``config.out``; return the exported model's directory.
+
+    Args:
+        cube: A complete cube with labels.
+        config: The run's settings.
+        progress: Called by rank 0 after every step (in this process, whichever the rank
+            layout); None for silence.
 
     Raises:
         PlanetsegError: bad cube (no labels, unfinished), bad settings (scale vs crop),
             unreadable checkpoint on ``resume``.
+        TrainingInterrupted: SIGINT or SIGTERM stopped the run (after a checkpoint).
     """
     data = open_cube(cube)
-    _validate(data, config)
+    torchrun = distributed_env()
+    _validate(data, config, torchrun[1] if torchrun else config.nproc)
+    if torchrun and config.nproc != 1:
+        raise InvalidArgumentError(
+            f"--nproc {config.nproc} under torchrun: torchrun starts the processes "
+            "(--nproc-per-node), drop --nproc"
+        )
     run = Path(config.out)
     if config.resume:
         # Fail here, in one line, before any process starts.
@@ -64,22 +116,118 @@ def train(cube: str | Path, config: TrainConfig) -> Path:
             f"{run} already holds a run: pass --resume to continue it, or choose another --out"
         )
     run.mkdir(parents=True, exist_ok=True)
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun
-        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), str(cube), config, None)
+    if torchrun:
+        with _stop_on_signals() as stop:
+            _worker(torchrun[0], torchrun[1], str(cube), config, None, progress, stop)
     elif config.nproc == 1:
-        _worker(0, 1, str(cube), config, None)
+        with _stop_on_signals() as stop:
+            _worker(0, 1, str(cube), config, None, progress, stop)
     else:
-        import torch.multiprocessing as mp
-
-        port = _free_port()
-        mp.spawn(
-            _worker, args=(config.nproc, str(cube), config, port), nprocs=config.nproc, join=True
-        )
+        _run_ranks(str(cube), config, progress)
     return run / "model"
 
 
-def _validate(data: CubeData, config: TrainConfig) -> None:
-    """The checks that need the cube (the config checked its own values when it was built)."""
+def _run_ranks(cube: str, config: TrainConfig, progress: Progress | None) -> None:
+    """``config.nproc`` ranks on this node: rank 0 here, the others in new processes."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    # The new processes ignore SIGINT and SIGTERM until their own handlers are in place, so a
+    # Ctrl-C while they start cannot kill one outside the step boundaries the ranks agree on.
+    with _signals_ignored():
+        ranks = mp.start_processes(
+            _spawned, args=(config.nproc, cube, config, port), nprocs=config.nproc - 1, join=False
+        )
+    try:
+        with _stop_on_signals() as stop:
+            _worker(0, config.nproc, cube, config, port, progress, stop)
+    except TrainingInterrupted:
+        _join(ranks)  # they stop at the same step
+        raise
+    except BaseException:
+        # A failed rank breaks rank 0's collectives: its own error is the one to report.
+        ranks.join(timeout=10)
+        for process in ranks.processes:
+            process.kill()
+        raise
+    _join(ranks)
+
+
+def _join(ranks: Any) -> None:
+    while not ranks.join():
+        pass
+
+
+def _spawned(index: int, world: int, cube: str, config: TrainConfig, port: int) -> None:
+    """Rank ``index + 1`` in a process of its own; a clean stop is not a failure."""
+    with _stop_on_signals() as stop:
+        try:
+            _worker(index + 1, world, cube, config, port, None, stop)
+        except TrainingInterrupted:
+            pass
+
+
+class _StopSignal:
+    """The first SIGINT/SIGTERM this process received (0: none); set by a signal handler."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopSignal]:
+    """Turn SIGINT/SIGTERM into a stop request for the training loop, for the block's span.
+
+    Signal handlers can only be set from the main thread; elsewhere the request never comes.
+    """
+    stop = _StopSignal()
+    with _handling_signals(stop):
+        yield stop
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    with _handling_signals(signal.SIG_IGN):
+        yield
+
+
+@contextmanager
+def _handling_signals(handler: Any) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM in the block (main thread only), then the previous."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def _agreed_stop(stop: _StopSignal | None, world: int, device: torch.device) -> int:
+    """The signal any rank received (0: none): every rank calls this at every step boundary."""
+    signum = stop.signum if stop is not None else 0
+    if world == 1:
+        return signum
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _validate(data: CubeData, config: TrainConfig, world: int) -> None:
+    """The checks that need the cube or the process count (the config checked its own values)."""
+    if config.batch_size % world:
+        processes = f"--nproc {world}" if world == config.nproc else f"WORLD_SIZE {world}"
+        raise InvalidArgumentError(
+            f"--batch-size {config.batch_size} must be divisible by the {processes} processes"
+        )
     split = spatial_split(data.image.shape[-1], config.val_fraction, multiple=config.crop)
     WindowSampler(data, split, crop=config.crop, seed=config.seed)  # a window fits the strip
 
@@ -155,7 +303,15 @@ def _device(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _worker(rank: int, world: int, cube: str, config: TrainConfig, port: int | None) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    cube: str,
+    config: TrainConfig,
+    port: int | None,
+    progress: Progress | None = None,
+    stop: _StopSignal | None = None,
+) -> None:
     """One training process (rank ``rank`` of ``world``)."""
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
@@ -165,7 +321,7 @@ def _worker(rank: int, world: int, cube: str, config: TrainConfig, port: int | N
         init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
-        train_loop(rank, world, open_cube(cube), config, device)
+        train_loop(rank, world, open_cube(cube), config, device, progress=progress, stop=stop)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -185,12 +341,32 @@ def _build(data: CubeData, config: TrainConfig) -> tuple[DSRLNet, NetConfig]:
 
 
 def train_loop(
-    rank: int, world: int, data: CubeData, config: TrainConfig, device: torch.device
+    rank: int,
+    world: int,
+    data: CubeData,
+    config: TrainConfig,
+    device: torch.device,
+    progress: Progress | None = None,
+    stop: _StopSignal | None = None,
 ) -> DSRLNet:
     """The loop each rank runs (the process group, if any, is already initialised).
 
+    Args:
+        rank: This process's rank.
+        world: Number of ranks.
+        data: The training cube.
+        config: The run's settings.
+        device: This rank's device.
+        progress: Called on rank 0 after every step.
+        stop: This process's stop request; at each step boundary the ranks agree on whether
+            any of them received one.
+
     Returns:
-        The trained network (identical on every rank: DDP keeps them in step).
+        The trained network (identical on every rank: DDP keeps them in step), once rank 0
+        has exported it.
+
+    Raises:
+        TrainingInterrupted: a rank received SIGINT/SIGTERM; the step reached is checkpointed.
     """
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -237,7 +413,24 @@ def train_loop(
     per_rank = config.batch_size // world
     log = (run / METRICS).open("a") if rank == 0 else None
     t0 = time.perf_counter()
+    saved = start if config.resume else None
     for step in range(start, config.steps):
+        signum = _agreed_stop(stop, world, device)
+        if signum:
+            if rank == 0 and saved != step:
+                _save_checkpoint(
+                    run / CHECKPOINT, model, optimizer, scheduler, step, config, data.bands
+                )
+            if world > 1:
+                dist.barrier()  # nobody leaves before the checkpoint is on disk
+            if log is not None:
+                log.close()
+            raise TrainingInterrupted(
+                f"interrupted at step {step} of {config.steps} ({signal.Signals(signum).name}); "
+                f"{run / CHECKPOINT} holds that step to resume from",
+                step,
+                signum,
+            )
         model.train()
         hr_np, labels_np = sampler.batch(step, rank, per_rank)
         hr = (torch.from_numpy(hr_np) - norm[0]) / norm[1]
@@ -263,11 +456,16 @@ def train_loop(
                 record["val"] = validate(model, data, split, norm, degrade, device)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if progress is not None:
+                rate = (done - start) / (time.perf_counter() - t0)
+                losses_now = {k: v for k, v in record.items() if k in losses}
+                progress(TrainProgress(done, config.steps, losses_now, rate))
         if done % config.checkpoint_every == 0 or done == config.steps:
             if rank == 0:
                 _save_checkpoint(
                     run / CHECKPOINT, model, optimizer, scheduler, done, config, data.bands
                 )
+            saved = done
             if world > 1:
                 dist.barrier()
     if log is not None:
@@ -287,6 +485,8 @@ def train_loop(
             train_config=config,
             metrics=final,
         )
+    if world > 1:
+        dist.barrier()  # under torchrun every rank's caller may read the export next
     return model
 
 

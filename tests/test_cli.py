@@ -147,3 +147,28 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     assert "tiles: 0 written" in again.stdout
     assert "0 tiles segmented, 3 kept" in " ".join(again.stdout.split())
     assert "mIoU" in again.stdout
+
+
+COMMANDS = ("catalogs", "search", "ingest", "train", "evaluate", "segment", "diff", "craters",
+            "synth", "demo")  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [(), *((c,) for c in COMMANDS)])
+def test_help_reads_like_a_mature_cli(command: tuple[str, ...]) -> None:
+    proc = planetseg(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for placeholder in ("<bool>", "list[", "<int>", "<float>", "<str>]"):
+        assert placeholder not in text, (placeholder, text)
+    help_line = next(line for line in text.splitlines() if "--help " in line)
+    assert help_line.split("--help", 1)[1].split()[0] == "Show", help_line  # a plain flag
+    if command == ("train",):
+        assert "Torch threads per process" in text and "Dask" in text
+        assert "--no-resume" not in text and " N " in text and "FLOAT" in text
+        for panel in ("Model", "Training", "Processes", "Run directory"):
+            assert panel in text
+    if command == ("segment",):
+        assert "Dask threads per worker" in text and "Torch threads per task" in text
+        assert "Dask cluster" in text and "W,S,E,N" not in text
+    if command == ("search",):
+        assert "W,S,E,N" in text and "TEXT" in text  # --collection: repeatable, one per flag

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from planetseg.export import WEIGHTS, load_model
 from planetseg.ingest import ingest
 from planetseg.synthetic import SynthConfig, synthesize
 from planetseg.train import train
-from tests.test_cli import assert_one_line_error, planetseg
+from tests.test_cli import assert_one_line_error, planetseg, start_planetseg
 
 TINY = dict(width=8, depth=2, crop=32, batch_size=4, val_every=1000, checkpoint_every=1000)
 
@@ -204,3 +205,74 @@ def test_band_mismatch_between_model_and_cube(small_cube: Path, tmp_path: Path) 
     assert_one_line_error(planetseg("evaluate", str(model_dir), str(two_bands)), "bands", "--bands")
     with pytest.raises(CheckpointError):
         load_model(tmp_path)
+
+
+# The same short run, launched three ways: --nproc 2, torchrun, and interrupted then resumed.
+DDP_ARGS = (
+    "--steps", "40", "--width", "8", "--depth", "2", "--crop", "32", "--batch-size", "4",
+    "--val-every", "1000", "--checkpoint-every", "4",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_process_run(small_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("nproc2") / "run"
+    proc = planetseg("train", str(small_cube), "--out", str(run), "--nproc", "2", *DDP_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    # not a terminal: progress comes as log lines, from rank 0 only
+    assert proc.stderr.count("planetseg: train step 40/40 loss ") == 1, proc.stderr
+    return run
+
+
+def test_torchrun_equals_nproc(small_cube: Path, two_process_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "torchrun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "planetseg.cli", "train", str(small_cube), "--out", str(run), *DDP_ARGS],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("model -> ") == 1 and "mIoU" in proc.stdout  # rank 0 speaks
+    assert proc.stderr.count("planetseg: train step 40/40 loss ") == 1, proc.stderr
+    a = (two_process_run / "model" / WEIGHTS).read_bytes()
+    assert (run / "model" / WEIGHTS).read_bytes() == a
+
+
+def test_batch_size_is_checked_against_torchruns_world(
+    small_cube: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(InvalidArgumentError, match="--batch-size 4 .* WORLD_SIZE 3"):
+        train(small_cube, TrainConfig(out=str(tmp_path / "a"), batch_size=4))
+    with pytest.raises(InvalidArgumentError, match="--nproc 3 under torchrun"):
+        train(small_cube, TrainConfig(out=str(tmp_path / "b"), batch_size=3, nproc=3))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(
+    small_cube: Path, two_process_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = start_planetseg("train", str(small_cube), "--out", str(run), "--nproc", "2", *DDP_ARGS)
+    ckpt = run / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("planetseg: interrupted at step "), stderr
+    assert "Traceback" not in stderr
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 4 <= step < 40, "the interrupt must land mid-run"
+    command = lines[-1].split("resume with: ", 1)[1]
+    assert lines[-1].startswith(f"planetseg: interrupted at step {step}; resume with: planetseg ")
+    assert command.endswith(" --resume") and f"--out {run}" in command
+    assert not (run / "model").exists()  # nothing a later run could take for finished
+    assert len(_losses(run)) == step
+    resumed = planetseg(*shlex.split(command)[1:], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = (two_process_run / "model" / WEIGHTS).read_bytes()
+    assert (run / "model" / WEIGHTS).read_bytes() == a
