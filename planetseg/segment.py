@@ -642,13 +642,30 @@ def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple
     import zarr
 
     from planetseg.cog import write_cog
+    from planetseg.palette import class_colormap
 
     folder = Path(config.cog)
     folder.mkdir(parents=True, exist_ok=True)
+    classes = {int(k): v for k, v in plan.classes.items()}
+    # Labels: every pixel is segmented, so no nodata; one colour and one name per class.
+    # Confidence: 255 is the store's fill value of pixels never written.
+    kinds = {
+        "labels": {
+            "categorical": True,
+            "description": "class",
+            "classes": classes,
+            "colormap": class_colormap(classes),
+        },
+        "confidence": {
+            "categorical": False,
+            "nodata": 255,
+            "description": f"confidence x {CONFIDENCE_STEPS}",
+        },
+    }
     written = []
     for t_pos, when in enumerate(plan.time_values):
         stamp = when.replace(":", "").replace("-", "")
-        for name, categorical in (("labels", True), ("confidence", False)):
+        for name, kind in kinds.items():
             array = zarr.open_array(str(store), path=name, mode="r")
             path = folder / f"{name}-{stamp}.tif"
             write_cog(
@@ -659,10 +676,8 @@ def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple
                 crs_wkt=plan.crs_wkt,
                 transform=plan.out_transform,
                 block=plan.tile * plan.scale,
-                categorical=categorical,
-                nodata=None if categorical else 255,
-                description=name if categorical else f"confidence x {CONFIDENCE_STEPS}",
                 tags={"planetseg_model": plan.digest, "planetseg_time": when},
+                **kind,
             )
             written.append(path)
     return tuple(written)
