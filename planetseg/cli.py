@@ -524,7 +524,9 @@ def _print_plan(plan: Any, partition: int | None) -> None:
         f"  partitions {est['partitions']:,} of {est['tasks_in_flight']:,} tasks in flight"
         + ("" if partition else " (per 4 worker threads x 4; 16 assumed)")
         + f"\n  reads {size(est['bytes_read'])}, writes {size(est['bytes_written'])}, "
-        f"about {size(est['bytes_per_task'])} per task\n"
+        f"memory about {size(est['bytes_per_task'])} per task ("
+        + ", ".join(f"{k} {size(v)}" for k, v in plan.task_bytes().items())
+        + ")\n"
         f"  model {plan.digest[:19]}..."
     )
 
