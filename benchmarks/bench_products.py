@@ -1,7 +1,9 @@
 """Products against the synthetic world's exact truth: change detection and crater catalogs.
 
-Runs on the output of ``planetseg demo`` (the world, its labels store from ``segment``, the
-change folders and the crater catalog), and scores:
+Runs on the output of ``planetseg demo`` (its labels store from ``segment``, the change
+folders and the crater catalog) and scores them against the truth of the world they were made
+from: the demo's *unseen* world (``unseen-world/``: another seed, other suns than the world the
+model was trained on), so the figures are those of a model on new ground. It scores:
 
 1. the change mask of epoch 0 -> 1 (only the sun angle differs: every flagged pixel is a false
    change) and 0 -> 2 (new craters), pixel precision / recall / F1 against the true label
@@ -53,6 +55,19 @@ def fmt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def world_summary(world: Path) -> str:
+    """Seed and suns of a synthetic world, from its STAC items."""
+    from planetseg.items import read_items
+
+    items = read_items(world / "items.ndjson")
+    seeds = sorted({it["properties"]["planetseg:synthetic_seed"] for it in items})
+    suns = ", ".join(
+        f"{it['properties']['view:sun_azimuth']:g}/{it['properties']['view:sun_elevation']:g}"
+        for it in items
+    )
+    return f"seed {', '.join(map(str, seeds))}, suns {suns} (azimuth/elevation, degrees)"
+
+
 def truth(world: Path, epoch: int) -> np.ndarray:
     with rasterio.open(world / f"labels-e{epoch:02d}.tif") as src:
         return src.read(1)
@@ -89,11 +104,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo", type=Path, help="output folder of `planetseg demo`")
     args = parser.parse_args()
-    demo, world = args.demo, args.demo / "world"
+    demo, world = args.demo, args.demo / "unseen-world"
+    if not (world / "items.ndjson").exists():
+        sys.exit(f"{world} is missing: run this on the output of the current `planetseg demo`")
     store = LabelsStore.open(demo / "labels.zarr")
     catalog = pd.read_csv(world / "craters.csv")
     t0 = truth(world, 0)
     print(f"labels {store.path} (model {store.attrs.get('planetseg:model', '')[:19]}...)")
+    print(f"trained on world {world_summary(demo / 'world')}")
+    print(f"scored on world {world_summary(world)}, not seen in training")
     print("\n1. change mask vs the true labels' change (pixels, %), by filter setting")
     print(f"{'pair':22s}{'filters':>24s}{'flagged':>10s}{'true':>8s}{'P':>7s}{'R':>7s}{'F1':>7s}")
     scratch = Path(tempfile.mkdtemp(prefix="bench-products-"))
@@ -124,7 +143,7 @@ def main() -> None:
         f"  true {s['true']}, found {s['flagged']}: precision {fmt(s['precision'])}, "
         f"recall {fmt(s['recall'])}, F1 {fmt(s['f1'])}"
     )
-    print("\n3. crater catalog vs the world's catalog (every epoch), DeepMoon criteria")
+    print("\n3. crater catalog vs the unseen world's catalog (every epoch), DeepMoon criteria")
     scores = json.loads((demo / "craters.scores.json").read_text())
     print(
         f"{'size':10s}{'ref':>7s}{'found':>7s}{'P':>7s}{'R':>7s}{'F1':>7s}{'dD/D':>7s}{'dx/R':>7s}"

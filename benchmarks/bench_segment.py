@@ -11,8 +11,11 @@
    process with a fresh cluster.
 4. Planning a virtual 1 TB cube: planning time, tasks, and the tasks held by the scheduler at
    once (the graph size), with the largest graph observed during run 1 for comparison.
+5. The memory ``--dry-run`` estimates per task against the measured peak: in a fresh process,
+   the peak RSS while 3 x 3 tasks of one 512 px tile run (the middle one with the full halo),
+   over the RSS before (model loaded). ``tests/test_segment.py`` checks the same within 2x.
 
-    python benchmarks/bench_segment.py [--size 2048] [--repeats 3]
+    python benchmarks/bench_segment.py [--size 2048] [--repeats 3] [--parts 1 2 3 4 5]
 """
 
 from __future__ import annotations
@@ -244,11 +247,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048, help="HR side of the throughput world")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--task-peak-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(*args.rss_child)
+        return
+    if args.task_peak_child:
+        task_peak_child(*args.task_peak_child)
         return
     root = Path(tempfile.mkdtemp(prefix="bench-segment-"))
     print(
@@ -284,6 +291,46 @@ def main() -> None:
             f"{tb['tasks_in_flight']} tasks at a time"
         )
         print(f"  largest graph observed in run 1 ({tp['tiles']} tiles): {tp['peak_graph']} tasks")
+    if 5 in args.parts:
+        task_memory_part(root, model, cube)
+
+
+# --------------------------------------------------------------------------- 5. task memory
+
+
+def task_peak_child(cube: str, model: str, out: str) -> None:
+    """In a fresh process: peak RSS over the tasks of a run, above the RSS before (bytes)."""
+    from planetseg.segment import worker_model
+
+    config = SegmentConfig(out=out, model=model, batch=1)
+    plan = plan_segment(cube, config)
+    net, _ = worker_model(plan.model, plan.digest)
+    with torch.no_grad():
+        net(torch.zeros(1, plan.bands, 64, 64))
+    status = Path("/proc/self/status")
+    before = next(int(x.split()[1]) for x in status.read_text().splitlines() if "VmRSS" in x)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    segment(cube, config, plan=plan)
+    peak = next(int(x.split()[1]) for x in status.read_text().splitlines() if "VmHWM" in x)
+    print(json.dumps({"peak": (peak - before) * 1024, "estimate": plan.task_bytes()}))
+
+
+def task_memory_part(root: Path, model: Path, like: Path) -> None:
+    print("\n5. memory per task: the --dry-run estimate vs the measured peak (512 px tiles)")
+    cube = virtual_cube(root / "mem.zarr", like=like, side=3 * 512, tile=512)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--task-peak-child", str(cube), str(model), str(root / "m")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    est = sum(r["estimate"].values())
+    terms = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["estimate"].items())
+    print(
+        f"  estimate {est / 2**20:.0f} MiB ({terms}); measured {r['peak'] / 2**20:.0f} MiB; "
+        f"measured / estimate {r['peak'] / est:.2f}"
+    )
 
 
 def peak_rss_part(root: Path, model: Path) -> None:

@@ -741,7 +741,9 @@ def _print_plan(plan: Any, partition: int | None) -> None:
         f"  partitions {est['partitions']:,} of {est['tasks_in_flight']:,} tasks in flight"
         + ("" if partition else " (per 4 worker threads x 4; 16 assumed)")
         + f"\n  reads {size(est['bytes_read'])}, writes {size(est['bytes_written'])}, "
-        f"about {size(est['bytes_per_task'])} per task\n"
+        f"memory about {size(est['bytes_per_task'])} per task ("
+        + ", ".join(f"{k} {size(v)}" for k, v in plan.task_bytes().items())
+        + ")\n"
         f"  model {plan.digest[:19]}..."
     )
 
@@ -935,7 +937,7 @@ def demo(
 ) -> None:
     """Run the main job offline on the embedded synthetic world."""
     from planetseg.config import DemoConfig
-    from planetseg.demo import run_demo
+    from planetseg.demo import describe_world, run_demo
 
     config = DemoConfig(out=str(out_dir), seed=seed, size=size, steps=steps)  # before the cluster
     with _computing("tiles", _cluster(cluster, workers, threads)) as (client, update):
@@ -947,28 +949,40 @@ def demo(
             client=client,
             progress=update,
         )
-    world, cube = result.world, result.cube
+    world, cube, unseen = result.world, result.cube, result.unseen
+    trained_on = describe_world(result.world_config)
+    scored_on = f"world {describe_world(result.unseen_config)}, not seen in training"
     out.print(
-        f"[bold]synth[/bold]  {world.body} world, {len(world.item_ids)} epochs -> {world.root}"
+        f"[bold]synth[/bold]  {world.body} training world, {trained_on}, "
+        f"{len(world.item_ids)} epochs -> {world.root}"
     )
     out.print(f"[bold]search[/bold] local catalog {world.root}:")
     _print_items(result.found.items)
     out.print(f"        {len(result.found.items)} items -> {result.items}")
     _print_ingest(cube)
     out.print(f"[bold]train[/bold]  DSRL (SR branch + FA loss, detached) -> {result.model}")
-    out.print("[bold]evaluate[/bold] on the held-out strip (LR input, HR labels):")
+    out.print(
+        "[bold]evaluate[/bold] on the strip of the training world held out from training "
+        "(LR input, HR labels):"
+    )
     _print_scores(result.scores)
+    out.print(
+        f"[bold]synth[/bold]  {unseen.body} {scored_on}, {len(unseen.item_ids)} epochs -> "
+        f"{unseen.root}; every figure below is on it"
+    )
     _print_ingest(result.lr_cube)
     labels = result.labels
     out.print(
         f"[bold]segment[/bold] {labels.store}: {labels.computed} tiles segmented, "
         f"{labels.kept} kept; COGs in {labels.cogs[0].parent if labels.cogs else '-'}"
     )
-    out.print("        against the true labels on the held-out strip:")
+    out.print(f"        against the true labels, whole scenes, scored on {scored_on}:")
     _print_scores(result.segment_scores)
     for change in result.changes:
         _print_diff(change)
+        out.print(f"        on {scored_on}")
     _print_craters(result.craters)
+    out.print(f"        scored on {scored_on}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -7,13 +7,14 @@ target, which the COG driver then copies (adding overviews); memory stays at one
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from planetseg.bodies import celestial_proj
 from planetseg.items import atomic_path
+from planetseg.palette import RGBA, class_tags
 
 ReadWindow = Callable[[slice, slice], np.ndarray]
 
@@ -31,6 +32,8 @@ def write_cog(
     nodata: float | None = None,
     description: str = "",
     tags: dict[str, str] | None = None,
+    classes: Mapping[int, str] | None = None,
+    colormap: Mapping[int, RGBA] | None = None,
 ) -> Path:
     """Write a single-band COG at ``path`` (atomically) from ``read(rows, cols)`` windows.
 
@@ -46,6 +49,10 @@ def write_cog(
         nodata: Nodata value, if any.
         description: Band description.
         tags: Metadata written into the file.
+        classes: Value -> name of a label raster, written as ``CLASS_NAMES`` and ``CLASS_<v>``
+            tags of the file and of the band (see :func:`planetseg.palette.class_tags`).
+        colormap: Value -> RGBA colour table of the band (uint8 or uint16 rasters), which GDAL
+            tools and QGIS show the raster in.
     """
     import rasterio
     from affine import Affine
@@ -76,7 +83,12 @@ def write_cog(
                         window = rasterio.windows.Window(x0, y0, xs.stop - x0, ys.stop - y0)
                         dst.write(np.asarray(read(ys, xs), dtype=dtype), 1, window=window)
                 dst.set_band_description(1, description)
-                dst.update_tags(**(tags or {}))
+                names = class_tags(classes) if classes else {}
+                dst.update_tags(**(tags or {}), **names)
+                if names:
+                    dst.update_tags(1, **names)
+                if colormap:
+                    dst.write_colormap(1, dict(colormap))
             rio_copy(
                 staging,
                 tmp,

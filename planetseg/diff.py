@@ -11,12 +11,13 @@ a pixel has *changed* where they differ, unless
 Outputs, all in ``--out``, written to a staging folder and moved into place only when
 complete:
 
-* ``change.tif`` (from->to code, 255 where unchanged) and ``mask.tif`` (1 changed), COGs;
+* ``change.tif`` (from->to code, 255 where unchanged) and ``mask.tif`` (1 changed), COGs
+  with a colour table and a name per value (``CLASS_<v>``), in the quick look's colours;
 * ``transitions.csv``: pixels and km^2 per from->to, areas on the body's own ellipsoid and
   projection (also in the STAC item);
 * ``changes.parquet``: GeoParquet polygons in the body's CRS, one per change region, with
   from/to classes and area;
-* ``quicklook.png``: before / after / change with a legend;
+* ``quicklook.png``: before / after / change, with a legend entry for every colour drawn;
 * ``items.ndjson`` + ``collection.json``: a STAC item describing them (a local catalog).
 """
 
@@ -37,9 +38,8 @@ from planetseg.products import LabelsStore, product_item, write_product_catalog
 
 logger = logging.getLogger(__name__)
 
+#: ``change.tif``'s value (and nodata) where no change is kept.
 UNCHANGED = 255
-#: Quick-look colour of changed pixels: magenta, which no class of the tab10 palette uses.
-CHANGED_RGBA = (1.0, 0.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,7 @@ def _write_outputs(
     n: int,
     config: DiffConfig,
 ) -> list[Path]:
+    from planetseg import palette
     from planetseg.cog import write_cog
 
     code_raster = np.where(changed, codes, UNCHANGED).astype(np.uint8 if n * n < 255 else np.uint16)
@@ -246,6 +247,12 @@ def _write_outputs(
         "planetseg_model_before": str(first.attrs.get("planetseg:model", "")),
         "planetseg_model_after": str(second.attrs.get("planetseg:model", "")),
     }
+    # Each from->to code present is named and drawn in the quick look's change colour.
+    transitions = {
+        int(code): f"{classes.get(f, str(f))}->{classes.get(t, str(t))}"
+        for code in np.unique(codes[changed])
+        for f, t in [divmod(int(code), n)]
+    }
     change_tif = write_cog(
         folder / "change.tif",
         lambda ys, xs: code_raster[ys, xs],
@@ -253,6 +260,8 @@ def _write_outputs(
         nodata=UNCHANGED,
         description="from*n+to class code of changed pixels",
         tags={**provenance, "planetseg_codes": json.dumps({str(k): v for k, v in classes.items()})},
+        classes=transitions,
+        colormap={**dict.fromkeys(transitions, palette.CHANGED), UNCHANGED: palette.NODATA},
         **grid,
     )
     mask_tif = write_cog(
@@ -261,6 +270,8 @@ def _write_outputs(
         dtype="uint8",
         description="1 changed, 0 unchanged",
         tags=provenance,
+        classes={0: "unchanged", 1: "changed"},
+        colormap={0: palette.UNCHANGED, 1: palette.CHANGED},
         **grid,
     )
     csv = folder / "transitions.csv"
@@ -363,6 +374,57 @@ def _polygons(
     return path
 
 
+def quicklook_figure(
+    before: np.ndarray,
+    after: np.ndarray,
+    changed: np.ndarray,
+    classes: dict[int, str],
+    n: int,
+    when: tuple[str, str],
+) -> Any:
+    """The before, after and change maps side by side, with a legend for every colour.
+
+    Before and after are drawn in the class colours of :mod:`planetseg.palette`; the change
+    map in its change colours: changed, unchanged, and "differs, dropped" where the classes
+    differ but a filter (``--min-confidence``, ``--min-area``) removed the change. Every
+    colour drawn has a legend entry. Returns the matplotlib figure (not yet saved).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from planetseg import palette
+
+    colors = [palette.as_float(palette.class_color(k)) for k in range(n)]
+    step = max(1, max(before.shape) // 1024)  # a quick look, not the product
+    b, a, c = before[::step, ::step], after[::step, ::step], changed[::step, ::step]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), constrained_layout=True)
+    for ax, img, title in ((axes[0], b, f"before {when[0]}"), (axes[1], a, f"after {when[1]}")):
+        ax.imshow(
+            img, cmap=ListedColormap(colors), vmin=-0.5, vmax=n - 0.5, interpolation="nearest"
+        )
+        ax.set_title(title)
+    change_rgba = np.empty((*c.shape, 4))
+    change_rgba[:] = palette.as_float(palette.UNCHANGED)
+    change_rgba[(b != a) & ~c] = palette.as_float(palette.DROPPED)
+    change_rgba[c] = palette.as_float(palette.CHANGED)
+    axes[2].imshow(change_rgba, interpolation="nearest")
+    axes[2].set_title(f"change: {int(changed.sum()):,} px")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(color=colors[k], label=classes.get(k, str(k))) for k in range(n)]
+    handles += [
+        Patch(color=palette.as_float(rgba), label=label)
+        for rgba, label in palette.CHANGE_LABELS.items()
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    return fig
+
+
 def _quicklook(
     path: Path,
     before: np.ndarray,
@@ -372,35 +434,10 @@ def _quicklook(
     n: int,
     when: tuple[str, str],
 ) -> Path:
-    """The before, after and change maps side by side, with a class legend (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """:func:`quicklook_figure` saved as a PNG."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
-    palette = plt.get_cmap("tab10")(np.arange(n) % 10)
-    cmap = ListedColormap(palette)
-    step = max(1, max(before.shape) // 1024)  # a quick look, not the product
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), constrained_layout=True)
-    for ax, img, title in (
-        (axes[0], before, f"before {when[0]}"),
-        (axes[1], after, f"after {when[1]}"),
-    ):
-        ax.imshow(img[::step, ::step], cmap=cmap, vmin=-0.5, vmax=n - 0.5, interpolation="nearest")
-        ax.set_title(title)
-    axes[2].imshow(after[::step, ::step], cmap="gray", alpha=0.35, interpolation="nearest")
-    overlay = np.zeros((*changed[::step, ::step].shape, 4))
-    overlay[changed[::step, ::step]] = CHANGED_RGBA
-    axes[2].imshow(overlay, interpolation="nearest")
-    axes[2].set_title(f"change: {int(changed.sum()):,} px")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [Patch(color=palette[k], label=classes.get(k, str(k))) for k in range(n)]
-    handles.append(Patch(color=CHANGED_RGBA, label="changed"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig = quicklook_figure(before, after, changed, classes, n, when)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -71,6 +71,18 @@ Progress = Callable[[int, int], None]
 #: 255 is the fill value of pixels not yet written.
 CONFIDENCE_STEPS = 254
 
+#: A task's peak memory is the network's, counted in float32 maps of the input window's size
+#: and calibrated on peak RSS (fused network, CPU, torch 2.x): while the low-resolution levels
+#: run, about LR_MAPS maps of ``width`` channels are held (encoder skips, decoder
+#: concatenations, convolution buffers); at the high-resolution head, about HR_MAPS maps of
+#: ``head_channels`` x ``scale``^2 (the upscaling convolution, its pixel-shuffled copy, the
+#: refinement's input and output, the allocator's slack) besides the encoder's skips
+#: (SKIP_MAPS x ``width``). The stages do not overlap: the peak is the larger of the two.
+#: The trained default (width 16, head 16, scale 2) on a 512 px tile peaks at ~450 maps.
+LR_MAPS, HR_MAPS, SKIP_MAPS = 10, 5, 2
+#: The network shape assumed for plans recorded before the shape was (training's defaults).
+NET_DEFAULTS = {"width": 16, "depth": 3, "head_channels": 16}
+
 
 @dataclass(frozen=True)
 class SegmentPlan:
@@ -93,6 +105,8 @@ class SegmentPlan:
         transform: Affine of the input grid ``(a, b, c, d, e, f)``.
         classes: Class value -> name (from the model card).
         threads: Torch threads per task.
+        net: The network's shape (the model card's ``net``: width, depth, head channels),
+            which the memory estimate needs.
     """
 
     cube: str
@@ -111,6 +125,7 @@ class SegmentPlan:
     transform: tuple[float, ...]
     classes: dict[str, str] = field(default_factory=dict)
     threads: int = 1
+    net: dict[str, int] = field(default_factory=dict)
 
     @property
     def tiles_yx(self) -> tuple[int, int]:
@@ -158,15 +173,31 @@ class SegmentPlan:
         _, _, ix0, ix1 = self.task(index)
         return ix1 - ix0
 
+    def task_bytes(self) -> dict[str, int]:
+        """Peak memory of one task (a full run of ``batch`` tiles with the halo), by term.
+
+        ``input``: the window read, as float32 and normalised; ``network``: the network's peak
+        activations (see :data:`LR_MAPS` and :data:`HR_MAPS`) and the logits buffer they are
+        copied into; ``output``: the network's logits and, over the core, the softmax
+        probabilities, the confidence and the int64 labels.
+        Measured against the peak RSS of a task within 2x (``tests/test_segment.py``).
+        """
+        net = NET_DEFAULTS | self.net
+        itemsize = np.dtype(self.dtype).itemsize
+        t, s, n = self.tile, self.scale, max(len(self.classes), 2)
+        window = (t + 2 * self.halo) * (self.batch * t + 2 * self.halo)  # input pixels
+        core = t * self.batch * t * s * s  # output pixels kept
+        lr_stage = LR_MAPS * net["width"]
+        hr_stage = HR_MAPS * net["head_channels"] * s * s + SKIP_MAPS * net["width"]
+        return {
+            "input": window * self.bands * (itemsize + 4 + 4),
+            "network": 4 * window * (max(lr_stage, hr_stage) + s * s * n),
+            "output": 4 * window * s * s * n + core * (4 * n + 4 + 8),
+        }
+
     def estimate(self, partition: int) -> dict[str, Any]:
         """The figures ``--dry-run`` prints: counts and bytes, computed, not enumerated."""
         itemsize = np.dtype(self.dtype).itemsize
-        t, s = self.tile, self.scale
-        window = (t + 2 * self.halo) * (self.batch * t + 2 * self.halo)
-        per_task = (
-            window * self.bands * (itemsize + 4)  # the read window, and as float32
-            + window * s * s * 4 * (len(self.classes) + 2)  # logits, softmax, labels
-        )
         return {
             "tiles": self.n_tiles,
             "tasks": self.n_tasks,
@@ -174,7 +205,7 @@ class SegmentPlan:
             "tasks_in_flight": min(partition, self.n_tasks),
             "bytes_read": len(self.times) * self.bands * self.shape[0] * self.shape[1] * itemsize,
             "bytes_written": 2 * len(self.times) * self.out_shape[0] * self.out_shape[1],
-            "bytes_per_task": per_task,
+            "bytes_per_task": sum(self.task_bytes().values()),
         }
 
     def to_json(self) -> str:
@@ -182,10 +213,15 @@ class SegmentPlan:
         return json.dumps(asdict(self))
 
     def same_work(self, other: SegmentPlan) -> bool:
-        """Whether ``other`` writes exactly what this plan writes (``threads`` aside)."""
+        """Whether ``other`` writes exactly what this plan writes (``threads`` aside).
+
+        ``net`` is the model's (the digest already compares the model), so it is not compared:
+        stores planned before it was recorded resume too.
+        """
         mine, theirs = asdict(self), asdict(other)
-        mine.pop("threads")
-        theirs.pop("threads")
+        for key in ("threads", "net"):
+            mine.pop(key, None)
+            theirs.pop(key, None)
         return json.loads(json.dumps(mine)) == json.loads(json.dumps(theirs))
 
     @classmethod
@@ -330,6 +366,7 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
         transform=transform,
         classes=dict(card["classes"]),
         threads=config.threads,
+        net=net.to_dict(),
     )
 
 
@@ -666,13 +703,30 @@ def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple
     import zarr
 
     from planetseg.cog import write_cog
+    from planetseg.palette import class_colormap
 
     folder = Path(config.cog)
     folder.mkdir(parents=True, exist_ok=True)
+    classes = {int(k): v for k, v in plan.classes.items()}
+    # Labels: every pixel is segmented, so no nodata; one colour and one name per class.
+    # Confidence: 255 is the store's fill value of pixels never written.
+    kinds = {
+        "labels": {
+            "categorical": True,
+            "description": "class",
+            "classes": classes,
+            "colormap": class_colormap(classes),
+        },
+        "confidence": {
+            "categorical": False,
+            "nodata": 255,
+            "description": f"confidence x {CONFIDENCE_STEPS}",
+        },
+    }
     written = []
     for t_pos, when in enumerate(plan.time_values):
         stamp = when.replace(":", "").replace("-", "")
-        for name, categorical in (("labels", True), ("confidence", False)):
+        for name, kind in kinds.items():
             array = zarr.open_array(str(store), path=name, mode="r")
             path = folder / f"{name}-{stamp}.tif"
             write_cog(
@@ -683,10 +737,8 @@ def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple
                 crs_wkt=plan.crs_wkt,
                 transform=plan.out_transform,
                 block=plan.tile * plan.scale,
-                categorical=categorical,
-                nodata=None if categorical else 255,
-                description=name if categorical else f"confidence x {CONFIDENCE_STEPS}",
                 tags={"planetseg_model": plan.digest, "planetseg_time": when},
+                **kind,
             )
             written.append(path)
     return tuple(written)

@@ -142,6 +142,17 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     assert (out / "change-0-2" / "changes.parquet").exists()
     assert (out / "craters.parquet").exists() and (out / "craters.scores.json").exists()
     assert "craters" in first.stdout and "diff" in first.stdout
+    # The model trains on one world; every product is made and scored on another, and says so.
+    text = " ".join(first.stdout.split())
+    assert "training world, seed 0, suns 270/25, 90/40, 200/30" in text
+    unseen = "world seed 1, suns 135/35, 315/20, 45/30 (azimuth/elevation, degrees), not seen"
+    assert text.count(unseen) == 5  # its synth line, segment scores, two diffs, craters
+    lr = xr.open_zarr(out / "lr.zarr", consolidated=False)
+    assert json.loads(lr.attrs["planetseg:provenance"])["catalog"] == str(out / "unseen-world")
+    days = ["2020-01-01", "2020-01-15", "2024-02-01"]  # the unseen world's epochs
+    assert [str(t)[:10] for t in labels["time"].values] == days
+    scores = json.loads((out / "craters.scores.json").read_text())
+    assert [t[:10] for t in scores["times"]] == days
     again = planetseg(*args)
     assert again.returncode == 0, again.stderr
     assert "tiles: 0 written" in again.stdout

@@ -234,3 +234,154 @@ def test_bad_inputs(
     assert not (tmp_path / "c.parquet").exists()
     proc = planetseg("craters", str(labels), "--out", str(tmp_path / "c.txt"))
     assert_one_line_error(proc, ".parquet or .csv")
+
+
+# Colours and class names: the label COGs and the quick look share one palette --------------
+
+
+def _to_uint8(rgba: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(rgba, dtype=float) * 255).astype(np.uint8)
+
+
+def _legend(fig: object) -> dict[str, tuple[int, ...]]:
+    """Legend label -> its patch colour (8-bit RGBA)."""
+    [legend] = fig.legends
+    return {
+        text.get_text(): tuple(int(v) for v in _to_uint8(handle.get_facecolor()))
+        for handle, text in zip(legend.legend_handles, legend.get_texts(), strict=True)
+    }
+
+
+def _drawn(fig: object) -> set[tuple[int, ...]]:
+    """Every colour the figure's images put on screen (8-bit RGBA)."""
+    colours: set[tuple[int, ...]] = set()
+    for ax in fig.axes:
+        for image in ax.get_images():
+            rgba = _to_uint8(image.to_rgba(image.get_array()))
+            colours |= {tuple(int(v) for v in c) for c in np.unique(rgba.reshape(-1, 4), axis=0)}
+    return colours
+
+
+def _true_labels(world: dict[str, Path], epoch: int) -> np.ndarray:
+    with rasterio.open(world["root"] / "world" / f"labels-e{epoch:02d}.tif") as src:
+        return src.read(1)
+
+
+def test_quicklook_legend_names_every_colour_drawn(world: dict[str, Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    from planetseg import palette
+    from planetseg.diff import quicklook_figure
+
+    before, after = _true_labels(world, 0), _true_labels(world, 2)  # epoch 2 adds craters
+    differs = before != after
+    half = before.shape[0] // 2
+    changed = differs.copy()
+    changed[:half] = False  # the filters dropped the changes of the top half
+    assert differs[:half].any() and differs[half:].any()
+    fig = quicklook_figure(before, after, changed, CLASSES, len(CLASSES), ("t0", "t2"))
+    try:
+        legend, drawn = _legend(fig), _drawn(fig)
+    finally:
+        plt.close(fig)
+    assert drawn <= set(legend.values()), drawn - set(legend.values())
+    expected = {
+        **{name: palette.class_color(v) for v, name in CLASSES.items()},
+        "changed": palette.CHANGED,
+        "unchanged": palette.UNCHANGED,
+    }
+    for name, colour in expected.items():
+        assert legend[name] == colour
+    assert palette.DROPPED in drawn and palette.CHANGED in drawn and palette.UNCHANGED in drawn
+    assert len(set(legend.values())) == len(legend)  # no two entries share a colour
+
+
+def test_label_cogs_carry_class_names_and_the_quicklook_colours(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import matplotlib.pyplot as plt
+
+    from planetseg.bodies import celestial_proj
+    from planetseg.diff import quicklook_figure
+
+    cogs = tmp_path / "cogs"
+    mine = cogs / "notes.txt"
+    cogs.mkdir()
+    mine.write_text("the user's own file")
+    proc = planetseg(
+        "segment",
+        str(world["lr"]),
+        "--model",
+        str(world["model"]),
+        "--out",
+        str(tmp_path / "labels.zarr"),
+        "--time",
+        "-1",
+        "--cog",
+        str(cogs),
+        "--cluster",
+        "none",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert mine.read_text() == "the user's own file"
+    [labels_tif] = cogs.glob("labels-*.tif")
+    [confidence_tif] = cogs.glob("confidence-*.tif")
+    assert not list(cogs.glob("*.staging.tif"))
+    with celestial_proj(), rasterio.open(labels_tif) as src:
+        colormap, tags, band_tags = src.colormap(1), src.tags(), src.tags(1)
+        assert src.nodata is None  # every pixel is segmented: no value means "no data"
+        assert src.descriptions == ("class",)
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    with celestial_proj(), rasterio.open(confidence_tif) as src:
+        assert src.nodata == 255
+    assert tags["CLASS_NAMES"] == ",".join(f"{v}:{n}" for v, n in sorted(CLASSES.items()))
+    for value, name in CLASSES.items():
+        assert tags[f"CLASS_{value}"] == name and band_tags[f"CLASS_{value}"] == name
+    zero = np.zeros((8, 8), np.uint8)
+    fig = quicklook_figure(zero, zero, zero.astype(bool), CLASSES, len(CLASSES), ("a", "b"))
+    try:
+        legend = _legend(fig)
+    finally:
+        plt.close(fig)
+    for value, name in CLASSES.items():
+        assert colormap[value] == legend[name]
+
+
+def test_change_cogs_are_coloured_and_named_like_the_quicklook(
+    labels: Path, world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    import matplotlib.pyplot as plt
+    import zarr
+
+    from planetseg.bodies import celestial_proj
+    from planetseg.diff import quicklook_figure
+
+    # The tiny model barely changes its mind between epochs: give epoch 2 the true labels, so
+    # that several from->to codes appear.
+    store = tmp_path / "labels.zarr"
+    shutil.copytree(labels, store)
+    zarr.open_array(str(store), path="labels", mode="r+")[2] = _true_labels(world, 2)
+    out = tmp_path / "d"
+    result = diff(store, DiffConfig(out=str(out), before="0", after="2"))
+    assert len([r for r in result.transitions if r["changed"]]) > 1
+    zero = np.zeros((8, 8), np.uint8)
+    fig = quicklook_figure(zero, zero, zero.astype(bool), CLASSES, len(CLASSES), ("a", "b"))
+    try:
+        legend = _legend(fig)
+    finally:
+        plt.close(fig)
+    with celestial_proj(), rasterio.open(out / "change.tif") as src:
+        codes, colormap, tags = src.read(1), src.colormap(1), src.tags()
+        assert src.nodata == 255
+    present = sorted(int(c) for c in np.unique(codes) if c != 255)
+    assert present and colormap[255][3] == 0  # unchanged is transparent
+    for code in present:
+        f, t = divmod(code, len(CLASSES))
+        assert tags[f"CLASS_{code}"] == f"{CLASSES[f]}->{CLASSES[t]}"
+        assert colormap[code] == legend["changed"]
+    with celestial_proj(), rasterio.open(out / "mask.tif") as src:
+        colormap, tags = src.colormap(1), src.tags()
+    assert colormap[0] == legend["unchanged"] and colormap[1] == legend["changed"]
+    assert tags["CLASS_NAMES"] == "0:unchanged,1:changed"

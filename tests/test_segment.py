@@ -221,6 +221,59 @@ def test_dry_run_of_a_virtual_terabyte(world: dict[str, Path], tmp_path: Path) -
     assert not (tmp_path / "o.zarr").exists()
 
 
+# Measured in a fresh process: the peak RSS while the tasks run, over the RSS just before (the
+# model loaded and run once, so only what the tasks themselves hold counts).
+_PEAK_OF_TASKS = """
+import json, sys
+from pathlib import Path
+import torch
+from planetseg.config import SegmentConfig
+from planetseg.segment import plan_segment, segment, worker_model
+
+def status(key):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1]) * 1024
+
+cube, model, out = sys.argv[1:]
+config = SegmentConfig(out=out, model=model, batch=2)
+plan = plan_segment(cube, config)
+net, _ = worker_model(plan.model, plan.digest)
+with torch.no_grad():
+    net(torch.zeros(1, plan.bands, 64, 64))
+before = status("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak, to the current RSS
+segment(cube, config, plan=plan)
+print(json.dumps({"peak": status("VmHWM:") - before}))
+"""
+
+
+def test_dry_run_estimate_is_within_2x_of_a_tasks_measured_peak(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+    import re
+
+    # 3 tasks of 2 tiles per row: the middle ones read the full halo on every side.
+    cube = virtual_cube(tmp_path / "v.zarr", like=world["lr"], side=768, tile=128)
+    args = ("segment", str(cube), "--model", str(world["model"]), "--out", str(tmp_path / "o.zarr"))
+    proc = planetseg(*args, "--batch", "2", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(r"about ([0-9.]+) (KiB|MiB|GiB) per task", " ".join(proc.stdout.split()))
+    assert found, proc.stdout
+    estimate = float(found[1]) * 1024 ** ("KiB", "MiB", "GiB").index(found[2]) * 1024
+    assert not (tmp_path / "o.zarr").exists()
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_TASKS, str(cube), str(world["model"]), str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    peak = json.loads(run.stdout.strip().splitlines()[-1])["peak"]
+    assert peak > 20 * 2**20  # the window's activations, not noise
+    assert 0.5 <= estimate / peak <= 2.0, (estimate, peak)
+
+
 def test_bad_inputs_are_one_line_errors(world: dict[str, Path], tmp_path: Path) -> None:
     model = str(world["model"])
     lr = str(world["lr"])
