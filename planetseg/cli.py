@@ -557,11 +557,12 @@ def train(
 
 
 @contextmanager
-def _train_progress() -> Iterator[Callable[[Any], None]]:
+def _train_progress(lines: bool = False) -> Iterator[Callable[[Any], None]]:
     """Train's progress: a bar with the loss and step rate in a terminal, else a log line.
 
-    Off a terminal (logs, batch jobs) a line is printed after the first step, then at most
-    every :data:`_LOG_EVERY_S` seconds, and after the last.
+    Off a terminal (logs, batch jobs), or with ``lines`` (beside another live bar, as in the
+    demo), a line is printed after the first step, then at most every :data:`_LOG_EVERY_S`
+    seconds, and after the last.
     """
     from rich.progress import (
         BarColumn,
@@ -572,7 +573,7 @@ def _train_progress() -> Iterator[Callable[[Any], None]]:
         TimeRemainingColumn,
     )
 
-    if not err.is_terminal:
+    if lines or not err.is_terminal:
         last = -math.inf
 
         def log(p: Any) -> None:
@@ -940,7 +941,10 @@ def demo(
     from planetseg.demo import describe_world, run_demo
 
     config = DemoConfig(out=str(out_dir), seed=seed, size=size, steps=steps)  # before the cluster
-    with _computing("tiles", _cluster(cluster, workers, threads)) as (client, update):
+    with (
+        _computing("tiles", _cluster(cluster, workers, threads)) as (client, update),
+        _train_progress(lines=True) as train_update,
+    ):
         result = run_demo(
             config.out,
             seed=config.seed,
@@ -948,6 +952,7 @@ def demo(
             steps=config.steps,
             client=client,
             progress=update,
+            train_progress=train_update,
         )
     world, cube, unseen = result.world, result.cube, result.unseen
     trained_on = describe_world(result.world_config)

@@ -35,6 +35,7 @@ from planetseg.metrics import confusion_matrix, scores
 from planetseg.search import SearchResult, search
 from planetseg.segment import SegmentResult, segment
 from planetseg.synthetic import EpochSpec, SynthConfig, SynthWorld, synthesize
+from planetseg.train import Progress as TrainProgress
 from planetseg.train import train
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def run_demo(
     steps: int = 120,
     client: Any = None,
     progress: Progress | None = None,
+    train_progress: TrainProgress | None = None,
 ) -> DemoResult:
     """Run the pipeline offline on synthetic worlds under ``out_dir``.
 
@@ -126,6 +128,7 @@ def run_demo(
         steps: Training steps (batch 8 of 128 px windows; about a second each on 2 cores).
         client: Dask client to compute on (None: threads in this process).
         progress: Tile progress callback for the ingest.
+        train_progress: Step progress callback of training (see :func:`planetseg.train.train`).
 
     Raises:
         InvalidArgumentError: a bad seed, size or step count (see
@@ -154,7 +157,7 @@ def run_demo(
         # default PSF the model meets sharper input than it learnt from: measured on the training
         # world's segmented scenes, mIoU 48.1 instead of 56.0, new-crater F1 25 instead of 75.
         config = TrainConfig(out=str(run), steps=steps, threads=2, psf_sigma=0.0, resume=resume)
-        train(cube.store, config)
+        train(cube.store, config, progress=train_progress)
     scores = evaluate(model, cube.store, region="val")
     train_config = TrainConfig(out=str(run), psf_sigma=0.0)
     # Everything from here on is on a world the model has never seen: another seed (terrain

@@ -142,6 +142,8 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     assert (out / "change-0-2" / "changes.parquet").exists()
     assert (out / "craters.parquet").exists() and (out / "craters.scores.json").exists()
     assert "craters" in first.stdout and "diff" in first.stdout
+    # Training shows its progress beside the tile bar (one line per record off a terminal).
+    assert "planetseg: train step 2/2 loss" in first.stderr
     # The model trains on one world; every product is made and scored on another, and says so.
     text = " ".join(first.stdout.split())
     assert "training world, seed 0, suns 270/25, 90/40, 200/30" in text
