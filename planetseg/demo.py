@@ -31,6 +31,7 @@ from planetseg.items import write_items
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.search import SearchResult, search
 from planetseg.segment import SegmentResult, segment
+from planetseg.store import create_owned_dir, prepare_output
 from planetseg.synthetic import SynthConfig, SynthWorld, synthesize
 from planetseg.train import train
 
@@ -91,7 +92,8 @@ def run_demo(
     change) and 0 to 2 (new craters) in ``out_dir/change-0-1`` and ``change-0-2``, and the
     crater catalog ``out_dir/craters.parquet`` scored against the world's own catalog.
     Re-running is cheap: the world is rewritten byte for byte, complete stores are left as
-    they are, and a finished training run is reused (interrupted ones resume).
+    they are, and a finished training run is reused (interrupted ones resume). ``out_dir``
+    must be new, empty or an earlier demo's: a folder holding anything else is refused.
 
     Args:
         out_dir: Where everything goes.
@@ -102,6 +104,8 @@ def run_demo(
         progress: Tile progress callback for the ingest.
     """
     out = Path(out_dir)
+    prepare_output(out, "demo")
+    create_owned_dir(out, "demo")
     world = synthesize(out / "world", config=SynthConfig(seed=seed, size=size))
     logger.info("synthetic world written to %s", world.root)
     found = search(SearchConfig(catalog=str(world.root), collections=(world.collection_id,)))
@@ -155,13 +159,16 @@ def run_demo(
                 after=str(after),
                 min_confidence=0.7,
                 min_area_m2=2.0,
+                overwrite=True,  # the demo's own folder: re-running replaces its products
             ),
         )
         for after in (1, 2)
     )
     catalog = craters(
         labels.store,
-        CratersConfig(out=str(out / "craters.parquet"), reference=str(world.craters)),
+        CratersConfig(
+            out=str(out / "craters.parquet"), reference=str(world.craters), overwrite=True
+        ),
     )
     return DemoResult(
         world, found, items, cube, model, scores, lr_cube, labels, truth, changes, catalog

@@ -50,6 +50,17 @@ class StoreMismatchError(PlanetsegError, FileExistsError):
     """An output store exists but holds something else than this run would write."""
 
 
+class OutputPathError(PlanetsegError, OSError):
+    """An output path cannot be used as given.
+
+    It holds what planetseg did not write (or an earlier output that needs ``--overwrite``), it
+    is an input of the command, a file where a folder is wanted (or the reverse), or it is not
+    writable.
+    """
+
+    exit_code = 2
+
+
 class ClusterUnavailableError(PlanetsegError, ConnectionError):
     """A Dask scheduler address does not answer."""
 

@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import logging
 import math
-import shutil
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -55,12 +54,18 @@ from planetseg.errors import (
 from planetseg.items import Item, read_items
 from planetseg.search import parse_bbox
 from planetseg.store import (
+    PROGRESS_SUFFIX,
+    STAGE_ATTR,
+    Output,
     cf_attrs,
+    create_owned_dir,
     done_markers,
     drop_partial_writes,
     get_attr,
     pixel_centres,
+    prepare_output,
     progress_dir,
+    remove_owned,
     set_attrs,
 )
 
@@ -761,16 +766,26 @@ def ingest(
     Raises:
         PlanetsegError: see :func:`plan_ingest` and :func:`check_assets`;
             :class:`~planetseg.errors.StoreMismatchError` when ``config.out`` holds a cube on
-            another grid.
+            another grid; :class:`~planetseg.errors.OutputPathError` when it is an input, a
+            file, not writable, or holds what ingest did not write (see
+            :func:`planetseg.store.prepare_output`).
     """
     from planetseg.loaders import get_loader
 
+    store = Path(config.out)
+    labels_file = config.labels if config.labels and _is_file(config.labels) else None
+    output = prepare_output(
+        store,
+        "ingest",
+        kind="store",
+        inputs=(items if isinstance(items, (str, Path)) else None, labels_file),
+        scratch=(PROGRESS_SUFFIX,),
+    )
     loader = get_loader(config.engine)
     items = load_items(items)
     plan = plan_ingest(items, config)
     loader.check(plan)
     by_id = {it["id"]: it for it in items}
-    store = Path(config.out)
     state = read_state(store)
     existed = state.exists
     new_times = plan.times
@@ -798,12 +813,12 @@ def ingest(
         check_assets([by_id[i] for s in new_times for i in s.item_ids], plan) if new_times else []
     )
     if not state.exists:
-        _create_store(store, plan, config, provenance, by_id)
+        _create_store(output, plan, config, provenance, by_id)
     elif new_times:
         _append_times(store, plan, new_times)
     if existed and not state.complete:
         drop_partial_writes(store)
-    progress_dir(store).mkdir(exist_ok=True)
+    create_owned_dir(progress_dir(store), "ingest")
     state = read_state(store)
     ny, nx = plan.tiles_yx
     todo: list[tuple[int | None, int, int]] = [
@@ -837,14 +852,14 @@ def ingest(
             "planetseg:static_done": True,
         },
     )
-    shutil.rmtree(progress_dir(store), ignore_errors=True)
+    remove_owned(progress_dir(store), "ingest")
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
     return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
 
 
 def _create_store(
-    store: Path,
+    output: Output,
     plan: CubePlan,
     config: IngestConfig,
     provenance: dict[str, Any] | None,
@@ -854,7 +869,7 @@ def _create_store(
     ds.attrs.update(_store_attrs(plan, config, provenance, items))
     try:
         ds.to_zarr(
-            str(store),
+            str(output.path),
             mode="w",
             compute=False,
             zarr_format=3,
@@ -862,7 +877,7 @@ def _create_store(
             encoding=_encoding(plan, ds),
         )
     except BaseException:
-        shutil.rmtree(store, ignore_errors=True)
+        output.discard()
         raise
 
 
@@ -896,6 +911,7 @@ def _store_attrs(
     items: dict[str, Item],
 ) -> dict[str, Any]:
     return {
+        STAGE_ATTR: "ingest",
         "planetseg:complete": False,
         "planetseg:times_done": 0,
         "planetseg:static_done": not plan.label_source,

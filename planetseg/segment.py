@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -48,12 +47,18 @@ from planetseg.errors import (
     StoreMismatchError,
 )
 from planetseg.store import (
+    PROGRESS_SUFFIX,
+    STAGE_ATTR,
+    Output,
     cf_attrs,
+    create_owned_dir,
     done_markers,
     drop_partial_writes,
     get_attr,
     pixel_centres,
+    prepare_output,
     progress_dir,
+    remove_owned,
     set_attrs,
     transform_from_cf,
 )
@@ -458,10 +463,13 @@ def _template(plan: SegmentPlan) -> Any:
     return ds
 
 
-def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_attrs: dict) -> None:
+def _create_store(
+    output: Output, plan: SegmentPlan, card: dict[str, Any], cube_attrs: dict
+) -> None:
     ds = _template(plan)
     ds.attrs.update(
         {
+            STAGE_ATTR: "segment",
             "planetseg:complete": False,
             "planetseg:product": "labels",
             "planetseg:version": __version__,
@@ -488,7 +496,7 @@ def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_att
     }
     try:
         ds.to_zarr(
-            str(store),
+            str(output.path),
             mode="w",
             compute=False,
             zarr_format=3,
@@ -496,21 +504,19 @@ def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_att
             encoding=encoding,
         )
     except BaseException:
-        shutil.rmtree(store, ignore_errors=True)
+        output.discard()
         raise
 
 
 def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
     """(complete, markers) of an earlier run into ``store``, or (False, empty) if none.
 
+    ``store`` has passed :func:`~planetseg.store.prepare_output`: absent, empty or segment's.
+
     Raises:
-        StoreMismatchError: the path holds something else, or a run with other settings.
+        StoreMismatchError: the store holds a run with other settings.
     """
     if not (store / "zarr.json").exists():
-        if store.exists() and any(store.iterdir()):
-            raise StoreMismatchError(
-                f"{store} exists and is not a labels store: choose another --out"
-            )
         return False, set()
     old = get_attr(store, "planetseg:segment")
     if old is None:
@@ -546,28 +552,39 @@ def segment(
 
     Raises:
         PlanetsegError: see :func:`plan_segment`; StoreMismatchError if ``config.out`` holds
-            something else.
+            a run with other settings; OutputPathError if ``config.out`` or ``config.cog`` is
+            an input, a file, not writable or holds what segment did not write (see
+            :func:`planetseg.store.prepare_output`).
     """
     from planetseg.export import read_card
 
-    plan = plan or plan_segment(cube, config)
     store = Path(config.out)
+    output = prepare_output(
+        store,
+        "segment",
+        kind="store",
+        inputs=(cube, config.model, config.cog),
+        scratch=(PROGRESS_SUFFIX,),
+    )
+    if config.cog:
+        prepare_output(config.cog, "segment", inputs=(cube, config.model, store), flag="--cog")
+    plan = plan or plan_segment(cube, config)
     complete, done = _existing(store, plan)
     kept = sum(plan.tiles_of(int(m.split("-")[1])) for m in done if m.startswith("task-"))
     if complete:
         logger.info("%s is complete: nothing to do", store)
         return SegmentResult(store, plan, 0, plan.n_tiles, _export_cogs(store, plan, config))
     if not (store / "zarr.json").exists():
-        _create_store(store, plan, read_card(config.model), _cube_attrs(plan.cube))
+        _create_store(output, plan, read_card(config.model), _cube_attrs(plan.cube))
     else:
         drop_partial_writes(store)
-    progress_dir(store).mkdir(exist_ok=True)
+    create_owned_dir(progress_dir(store), "segment")
     total = plan.n_tiles
     if progress:
         progress(kept, total)
     computed = _run(plan, str(store), _pending(plan, done), client, config, progress, kept, total)
     set_attrs(store, **{"planetseg:complete": True})
-    shutil.rmtree(progress_dir(store), ignore_errors=True)
+    remove_owned(progress_dir(store), "segment")
     logger.info("%s: %d tiles segmented, %d kept", store, computed, kept)
     return SegmentResult(store, plan, computed, kept, _export_cogs(store, plan, config))
 
@@ -643,8 +660,7 @@ def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple
 
     from planetseg.cog import write_cog
 
-    folder = Path(config.cog)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = create_owned_dir(Path(config.cog), "segment")
     written = []
     for t_pos, when in enumerate(plan.time_values):
         stamp = when.replace(":", "").replace("-", "")

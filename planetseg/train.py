@@ -32,6 +32,7 @@ from planetseg.data import CubeData, Degradation, Split, WindowSampler, open_cub
 from planetseg.errors import CheckpointError, InvalidArgumentError
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss
+from planetseg.store import create_owned_dir, prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,20 @@ def train(cube: str | Path, config: TrainConfig) -> Path:
 
     Raises:
         PlanetsegError: bad cube (no labels, unfinished), bad settings (scale vs crop),
-            unreadable checkpoint on ``resume``.
+            unreadable checkpoint on ``resume``; an ``out`` that is a file, the cube, not
+            writable, or a folder that train did not write (OutputPathError).
     """
     data = open_cube(cube)
     _validate(data, config)
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
+    prepare_output(run, "train", inputs=(cube,))
     if config.resume:
         _read_checkpoint(run / CHECKPOINT)  # fail here, in one line, before any process starts
     elif (run / CHECKPOINT).exists():
         raise InvalidArgumentError(
             f"{run} already holds a run: pass --resume to continue it, or choose another --out"
         )
+    create_owned_dir(run, "train")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun
         _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), str(cube), config, None)
     elif config.nproc == 1:
