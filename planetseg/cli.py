@@ -130,13 +130,15 @@ def search(
 ) -> None:
     """Search a STAC API or a local catalog for items."""
     from planetseg.config import SearchConfig
-    from planetseg.items import ITEM_SUFFIXES, feature_collection, write_items
+    from planetseg.items import ITEM_SUFFIXES, check_items_output, feature_collection, write_items
     from planetseg.search import search as run_search
 
     if out_path is not None and out_path.suffix.lower() not in ITEM_SUFFIXES:
         raise InvalidArgumentError(
             f"--out {out_path}: use a .json, .geojson, .ndjson or .parquet file name"
         )
+    if out_path is not None:
+        check_items_output(out_path, inputs=[catalog] if Path(catalog).exists() else [])
     config = SearchConfig(
         catalog=catalog,
         collections=tuple(collection or ()),

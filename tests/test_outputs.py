@@ -17,9 +17,11 @@ import pytest
 
 from planetseg.config import SegmentConfig
 from planetseg.errors import OutputPathError
+from planetseg.items import read_items, write_items
 from planetseg.segment import segment
 from planetseg.store import create_owned_dir, owner, remove_owned
 from tests.test_cli import assert_one_line_error, planetseg
+from tests.test_search import BBOX, DATETIME, EXPECTED, grid_items
 
 USER_FILES = {"notes.txt": b"chapter 1: craters\n", "data/table.csv": b"a,b\n1,2\n"}
 
@@ -292,3 +294,26 @@ def test_removal_is_only_of_marked_folders(tmp_path: Path) -> None:
         remove_owned(ours, "segment")  # marked, but by another stage
     remove_owned(ours, "diff")
     assert not ours.exists()
+
+
+def test_search_never_overwrites_its_catalog_or_a_user_file(tmp_path: Path) -> None:
+    catalog = write_items(grid_items(), tmp_path / "items.ndjson")
+    before = catalog.read_bytes()
+    notes = tmp_path / "notes.json"
+    notes.write_bytes(b'{"title": "my notes"}\n')
+    args = ("search", "--catalog", str(catalog), "--bbox", BBOX, "--datetime", DATETIME)
+    proc = planetseg(*args, "--out", str(catalog))
+    assert_one_line_error(proc, str(catalog), "is also an input")
+    proc = planetseg(*args, "--out", str(notes))
+    assert_one_line_error(proc, str(notes), "not written by planetseg search")
+    assert catalog.read_bytes() == before and notes.read_bytes() == b'{"title": "my notes"}\n'
+    found = tmp_path / "found.parquet"
+    for _ in range(2):  # an items file is what search writes: a re-run replaces it
+        proc = planetseg(*args, "--out", str(found))
+        assert proc.returncode == 0, proc.stderr
+        assert [it["id"] for it in read_items(found)] == EXPECTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "found.parquet",
+        "items.ndjson",
+        "notes.json",
+    ]
