@@ -87,6 +87,7 @@ def test_diff_never_writes_into_its_input(labels: Path, world: dict[str, Path]) 
 
 def test_diff_replaces_its_own_output_only_with_overwrite(labels: Path, tmp_path: Path) -> None:
     out = tmp_path / "change"
+    out.mkdir()  # an empty folder made for the product is fine
     first = planetseg(*diff_args(labels, out))
     assert first.returncode == 0, first.stderr
     assert owner(out) == "diff" and (out / "change.tif").is_file()
