@@ -15,6 +15,7 @@ training run, the demo folder) in a small ``.planetseg`` file. Every stage calls
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -160,8 +161,10 @@ def create_owned_dir(path: Path, stage: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             if owner(path) != stage:  # not another process of the same run (DDP ranks)
                 raise
-    except PermissionError as exc:
-        raise OutputPathError(f"{path} cannot be created: {exc.filename} is not writable") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise OutputPathError(f"{path} cannot be created: {path.parent} is not writable") from exc
     return path
 
 
