@@ -813,6 +813,7 @@ def ingest(
         check_assets([by_id[i] for s in new_times for i in s.item_ids], plan) if new_times else []
     )
     if not state.exists:
+        remove_owned(progress_dir(store), "ingest")  # markers of a store that is gone
         _create_store(output, plan, config, provenance, by_id)
     elif new_times:
         _append_times(store, plan, new_times)

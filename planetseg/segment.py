@@ -575,6 +575,7 @@ def segment(
         logger.info("%s is complete: nothing to do", store)
         return SegmentResult(store, plan, 0, plan.n_tiles, _export_cogs(store, plan, config))
     if not (store / "zarr.json").exists():
+        remove_owned(progress_dir(store), "segment")  # markers of a store that is gone
         _create_store(output, plan, read_card(config.model), _cube_attrs(plan.cube))
     else:
         drop_partial_writes(store)

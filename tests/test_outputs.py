@@ -7,6 +7,7 @@ is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -195,6 +196,18 @@ def test_a_user_folder_named_like_the_progress_folder_is_kept(
         assert not out.exists()
 
 
+def test_markers_left_without_their_store_are_dropped(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "cube.zarr"
+    progress = create_owned_dir(out.with_name("cube.zarr.progress"), "ingest")
+    (progress / "t0-0-0").touch()  # a killed ingest's marker; its store was deleted since
+    proc = planetseg("ingest", str(world["items"]), "--out", str(out), "--cluster", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "tiles: 3 written, 0 kept" in proc.stdout
+    assert not progress.exists()
+
+
 @pytest.mark.parametrize("stage", ["ingest", "segment", "synth", "demo", "train"])
 def test_a_foreign_output_folder_is_refused(
     stage: str, world: dict[str, Path], tmp_path: Path
@@ -245,13 +258,24 @@ def test_an_output_that_is_a_file_is_one_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]
 
 
-def test_evaluate_out_a_folder_is_one_line(world: dict[str, Path], tmp_path: Path) -> None:
+def test_evaluate_out_a_folder_or_a_user_file_is_one_line(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
     before = user_folder(tmp_path / "scores")
-    proc = planetseg(
-        "evaluate", str(world["model"]), str(world["hr"]), "--out", str(tmp_path / "scores")
-    )
+    notes = tmp_path / "notes.json"
+    notes.write_bytes(b'{"title": "my notes"}\n')
+    args = ("evaluate", str(world["model"]), str(world["hr"]), "--out")
+    proc = planetseg(*args, str(tmp_path / "scores"))
     assert_one_line_error(proc, "is a folder: give a file name")
+    proc = planetseg(*args, str(notes))
+    assert_one_line_error(proc, str(notes), "not written by planetseg evaluate")
     assert snapshot(tmp_path / "scores") == before
+    assert notes.read_bytes() == b'{"title": "my notes"}\n'
+    scores = tmp_path / "scores.json"
+    for _ in range(2):  # its own scores file is replaced
+        proc = planetseg(*args, str(scores))
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads(scores.read_text())["region"] == "all"
 
 
 def test_an_output_under_a_file_is_one_line(labels: Path, tmp_path: Path) -> None:
