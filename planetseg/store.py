@@ -143,10 +143,10 @@ def create_owned_dir(path: Path, stage: str) -> Path:
     path = Path(path)
     if owner(path) == stage:
         return path
+    if path.is_dir() and any(path.iterdir()):
+        raise OutputPathError(f"{path} exists and was not written by planetseg {stage}")
     try:
         if path.is_dir():
-            if any(path.iterdir()):
-                raise OutputPathError(f"{path} exists and was not written by planetseg {stage}")
             mark_owned(path, stage)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
