@@ -185,13 +185,15 @@ def search(
 ) -> None:
     """Search a STAC API or a local catalog for items."""
     from planetseg.config import SearchConfig
-    from planetseg.items import ITEM_SUFFIXES, feature_collection, write_items
+    from planetseg.items import ITEM_SUFFIXES, check_items_output, feature_collection, write_items
     from planetseg.search import search as run_search
 
     if out_path is not None and out_path.suffix.lower() not in ITEM_SUFFIXES:
         raise InvalidArgumentError(
             f"--out {out_path}: use a .json, .geojson, .ndjson or .parquet file name"
         )
+    if out_path is not None:
+        check_items_output(out_path, inputs=[catalog] if Path(catalog).exists() else [])
     config = SearchConfig(
         catalog=catalog,
         collections=tuple(collection or ()),
@@ -631,12 +633,8 @@ def evaluate(
 ) -> None:
     """Score a model on a labelled cube: per-class IoU, mIoU, accuracy, confusion matrix."""
     from planetseg.evaluate import evaluate as run_evaluate
-    from planetseg.items import atomic_path
 
-    result = run_evaluate(model, cube, region=region)  # type: ignore[arg-type]
-    if out_path is not None:
-        with atomic_path(out_path) as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
+    result = run_evaluate(model, cube, region=region, out=out_path)  # type: ignore[arg-type]
     _print_scores(result)
 
 
@@ -751,6 +749,11 @@ def _print_plan(plan: Any, partition: int | None) -> None:
 
 # --------------------------------------------------------------------------- diff, craters
 
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(help="Replace this command's own earlier output at --out (nothing else)."),
+]
+
 
 @app.command()
 def diff(
@@ -767,6 +770,7 @@ def diff(
     min_area: Annotated[
         float, typer.Option(help="Ignore change regions smaller than this (m^2 on the body).")
     ] = 0.0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Change between two epochs: from->to codes, mask, transition table, polygons, quick look."""
     from planetseg.config import DiffConfig
@@ -781,6 +785,7 @@ def diff(
             other=str(other) if other else None,
             min_confidence=min_confidence,
             min_area_m2=min_area,
+            overwrite=overwrite,
         ),
     )
     _print_diff(result)
@@ -819,6 +824,7 @@ def craters(
     reference: Annotated[
         Path | None, typer.Option(help="Crater catalog (CSV/Parquet) to score against.")
     ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Extract individual craters (lon, lat, diameter_km, class, confidence, epoch)."""
     from planetseg.config import CratersConfig
@@ -832,6 +838,7 @@ def craters(
             crater_classes=tuple(crater_class or ()),
             min_diameter_px=min_diameter,
             reference=str(reference) if reference else None,
+            overwrite=overwrite,
         ),
     )
     _print_craters(result)

@@ -292,12 +292,14 @@ class DiffConfig:
     """What to compare and how strictly (see :mod:`planetseg.diff`).
 
     Attributes:
-        out: Output folder (replaced as a whole when the run succeeds).
+        out: Output folder, written as a whole when the run succeeds (an earlier diff's only
+            with ``overwrite``).
         before: First epoch: a date prefix or an index of the store.
         after: Second epoch (of ``other`` if given).
         other: A second labels store on the same grid holding ``after``; None for the same.
         min_confidence: Ignore changes where either epoch's confidence is below this (0..1).
         min_area_m2: Ignore change regions smaller than this many square metres on the body.
+        overwrite: Replace an earlier diff's output folder (never anything else).
     """
 
     out: str
@@ -306,6 +308,7 @@ class DiffConfig:
     other: str | None = None
     min_confidence: float = 0.0
     min_area_m2: float = 0.0
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _number_in(
@@ -325,6 +328,7 @@ class CratersConfig:
             contains "crater".
         min_diameter_px: Drop regions smaller than this equivalent diameter (pixels).
         reference: A crater catalog to score against (planetseg's or craterpy's columns).
+        overwrite: Replace an earlier craters catalog at ``out`` (never anything else).
     """
 
     out: str
@@ -332,6 +336,7 @@ class CratersConfig:
     crater_classes: tuple[str, ...] = ()
     min_diameter_px: float = 3.0
     reference: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _number_in("--min-diameter", self.min_diameter_px, "give a diameter >= 0 px", low=0)

@@ -36,6 +36,7 @@ from planetseg.config import CratersConfig
 from planetseg.errors import InvalidArgumentError
 from planetseg.labels import read_crater_catalog
 from planetseg.products import LabelsStore
+from planetseg.store import prepare_output
 
 #: DeepMoon's thresholds (squared position / radius, relative radius).
 POSITION_THRESHOLD2 = 1.8
@@ -149,12 +150,25 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     Raises:
         CatalogReadError: not a complete labels store; an unreadable reference.
         InvalidArgumentError: bad output suffix, times, classes or reference columns.
+        OutputPathError: the catalog or a file beside it is an input, a folder, not writable,
+            an earlier catalog without ``overwrite``, or a file craters did not write.
     """
     from planetseg.segment import select_times
 
     out = Path(config.out)
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise InvalidArgumentError(f"--out {out}: the catalog must end in .parquet or .csv")
+    for path in (out, *_companions(out)):
+        prepare_output(
+            path,
+            "craters",
+            kind="file",
+            inputs=(store, config.reference),
+            overwrite=config.overwrite,
+            replace_needs_overwrite=True,
+            owns_file=lambda p: _written_by_craters(out, p),
+            label=None if path == out else f"{path} (written beside --out {out})",
+        )
     labels = LabelsStore.open(store)
     values = crater_values(labels, config.crater_classes)
     reference = read_crater_catalog(config.reference).table if config.reference else None
@@ -200,6 +214,27 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
         scores = score(table, reference, labels, times, nominal_px_km)
     files = _write(out, table, labels, values, config, scores)
     return CratersResult(table, out, scores, files, config.reference)
+
+
+def _companions(out: Path) -> tuple[Path, Path]:
+    """The files written beside the catalog: its scores and its STAC item."""
+    return out.with_name(out.stem + ".scores.json"), out.with_name(out.stem + ".items.ndjson")
+
+
+def _written_by_craters(out: Path, path: Path) -> bool:
+    """Whether ``path`` is a file of an earlier craters run into ``out``, as its item says."""
+    from planetseg.errors import CatalogReadError
+    from planetseg.items import read_items
+
+    items = _companions(out)[1]
+    try:
+        [item] = read_items(items)
+    except (CatalogReadError, ValueError):
+        return False
+    if item.get("properties", {}).get("planetseg:product") != "craters":
+        return False
+    hrefs = {str(a.get("href")) for a in item.get("assets", {}).values()}
+    return str(out.resolve()) in hrefs and (path == items or str(path.resolve()) in hrefs)
 
 
 def _great_circle_km(lon1, lat1, lon2, lat2, radius_km: float) -> np.ndarray:  # noqa: ANN001
@@ -353,7 +388,18 @@ def _write(
     from planetseg.bodies import celestial_proj
     from planetseg.items import atomic_path, write_items
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    scores_path, items = _companions(out)
+    # The item goes first: it is what tells a later run (with --overwrite) that the catalog
+    # and the scores beside it are craters' own, even if this run dies before writing them.
+    listed = scores_path if scores is not None else None
+    write_items([_catalog_item(out, table, store, values, config, listed)], items)
+    files = [out]
+    if scores is not None:
+        with atomic_path(scores_path) as tmp:
+            tmp.write_text(json.dumps(scores, indent=1))
+        files.append(scores_path)
+    else:
+        scores_path.unlink(missing_ok=True)  # an earlier run's (checked), not for this catalog
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".csv":
             table.to_csv(tmp, index=False)
@@ -365,15 +411,6 @@ def _write(
                     crs=store.body.crs.to_wkt(),
                 )
                 frame.to_parquet(tmp)
-    files = [out]
-    if scores is not None:
-        path = out.with_name(out.stem + ".scores.json")
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(scores, indent=1))
-        files.append(path)
-    item = _catalog_item(out, table, store, values, config)
-    items = out.with_name(out.stem + ".items.ndjson")
-    write_items([item], items)
     files.append(items)
     return tuple(files)
 
@@ -384,8 +421,12 @@ def _catalog_item(
     store: LabelsStore,
     values: dict[int, str],
     config: CratersConfig,
+    scores: Path | None,
 ) -> dict[str, Any]:
-    """A STAC item for the catalog: footprint of the grid in body lon/lat, the table as asset."""
+    """A STAC item for the catalog: footprint of the grid in body lon/lat, the table as asset.
+
+    The scores file, if any, is an asset too: the item lists every file the run wrote.
+    """
     from shapely.geometry import box, mapping
 
     h, w = store.shape
@@ -416,5 +457,18 @@ def _catalog_item(
             "planetseg:min_diameter_px": config.min_diameter_px,
         },
         "links": [],
-        "assets": {"catalog": {"href": str(out.resolve()), "type": media, "roles": ["data"]}},
+        "assets": {
+            "catalog": {"href": str(out.resolve()), "type": media, "roles": ["data"]},
+            **(
+                {
+                    "scores": {
+                        "href": str(scores.resolve()),
+                        "type": "application/json",
+                        "roles": ["metadata"],
+                    }
+                }
+                if scores
+                else {}
+            ),
+        },
     }

@@ -34,6 +34,7 @@ from planetseg.items import write_items
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.search import SearchResult, search
 from planetseg.segment import SegmentResult, segment
+from planetseg.store import create_owned_dir, prepare_output
 from planetseg.synthetic import EpochSpec, SynthConfig, SynthWorld, synthesize
 from planetseg.train import Progress as TrainProgress
 from planetseg.train import train
@@ -119,7 +120,8 @@ def run_demo(
     0 to 2 (new craters) in ``out_dir/change-0-1`` and ``change-0-2``, and the crater catalog
     ``out_dir/craters.parquet`` scored against the unseen world's own catalog.
     Re-running is cheap: the worlds are rewritten byte for byte, complete stores are left as
-    they are, and a finished training run is reused (interrupted ones resume).
+    they are, and a finished training run is reused (interrupted ones resume). ``out_dir``
+    must be new, empty or an earlier demo's: a folder holding anything else is refused.
 
     Args:
         out_dir: Where everything goes.
@@ -136,6 +138,8 @@ def run_demo(
     """
     DemoConfig(out=str(out_dir), seed=seed, size=size, steps=steps)  # before writing anything
     out = Path(out_dir)
+    prepare_output(out, "demo")
+    create_owned_dir(out, "demo")
     world_config = SynthConfig(seed=seed, size=size)
     world = synthesize(out / "world", config=world_config)
     logger.info("training world written to %s", world.root)
@@ -196,13 +200,16 @@ def run_demo(
                 after=str(after),
                 min_confidence=0.7,
                 min_area_m2=2.0,
+                overwrite=True,  # the demo's own folder: re-running replaces its products
             ),
         )
         for after in (1, 2)
     )
     catalog = craters(
         labels.store,
-        CratersConfig(out=str(out / "craters.parquet"), reference=str(unseen.craters)),
+        CratersConfig(
+            out=str(out / "craters.parquet"), reference=str(unseen.craters), overwrite=True
+        ),
     )
     return DemoResult(
         world,

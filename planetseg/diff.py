@@ -8,8 +8,9 @@ a pixel has *changed* where they differ, unless
 * its connected change region (8-connected, same from->to code) covers less than
   ``min_area_m2`` on the body.
 
-Outputs, all in ``--out``, written to a staging folder and moved into place only when
-complete:
+Outputs, all in ``--out``, written to a staging folder ``<out>.partial`` and moved into place
+only when complete (an earlier diff's folder is replaced only with ``--overwrite``; any other
+existing folder is refused):
 
 * ``change.tif`` (from->to code, 255 where unchanged) and ``mask.tif`` (1 changed), COGs
   with a colour table and a name per value (``CLASS_<v>``), in the quick look's colours;
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,14 @@ import numpy as np
 from planetseg.config import DiffConfig
 from planetseg.errors import InvalidArgumentError
 from planetseg.products import LabelsStore, product_item, write_product_catalog
+from planetseg.store import create_owned_dir, prepare_output, remove_owned
 
 logger = logging.getLogger(__name__)
 
 #: ``change.tif``'s value (and nodata) where no change is kept.
 UNCHANGED = 255
+#: Suffix of the staging folder beside ``--out``.
+STAGING = ".partial"
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,17 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
         CatalogReadError: not a complete labels store.
         InvalidArgumentError / MixedBodiesError: unknown times, stores on other grids or bodies,
             bad thresholds.
+        OutputPathError: ``config.out`` is an input, a file, not writable, an earlier diff's
+            without ``overwrite``, or holds what diff did not write.
     """
+    output = prepare_output(
+        config.out,
+        "diff",
+        inputs=(store, config.other),
+        overwrite=config.overwrite,
+        replace_needs_overwrite=True,
+        scratch=(STAGING,),
+    )
     first = LabelsStore.open(store)
     second = LabelsStore.open(config.other) if config.other else first
     if second is not first:
@@ -176,10 +189,10 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
         n_classes=n,
     )
     table = transition_table(codes, changed, area, classes, n)
-    out = Path(config.out)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out = output.path
+    staging = out.with_name(out.name + STAGING)
+    remove_owned(staging, "diff")  # what a killed diff left
+    create_owned_dir(staging, "diff")
     try:
         files = _write_outputs(
             staging,
@@ -197,11 +210,11 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
             n,
             config,
         )
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)  # all or nothing: no half-written product under the real name
+        if output.earlier:
+            remove_owned(out, "diff")
+        staging.rename(out)  # all or nothing (an empty folder is replaced by the rename)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging, "diff")
         raise
     return DiffResult(
         out,

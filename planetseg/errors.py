@@ -54,6 +54,17 @@ class StoreCorruptError(PlanetsegError, OSError):
     """A store marked complete lost a chunk, or holds one that cannot be decoded."""
 
 
+class OutputPathError(PlanetsegError, OSError):
+    """An output path cannot be used as given.
+
+    It holds what planetseg did not write (or an earlier output that needs ``--overwrite``), it
+    is an input of the command, a file where a folder is wanted (or the reverse), or it is not
+    writable.
+    """
+
+    exit_code = 2
+
+
 class ClusterUnavailableError(PlanetsegError, ConnectionError):
     """A Dask scheduler address does not answer."""
 

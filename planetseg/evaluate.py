@@ -7,6 +7,7 @@ labels at ``scale`` x that input, and the prediction is scored against the cube'
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,7 @@ def evaluate(
     cube: str | Path,
     *,
     region: Literal["all", "val"] = "all",
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``cube``: per-class IoU, mIoU, pixel accuracy, confusion matrix.
 
@@ -78,13 +80,21 @@ def evaluate(
         model: Exported model directory (or its ``model.json``).
         cube: A complete cube with labels and the model's bands.
         region: ``all`` pixels, or only the ``val`` strip held out in training.
+        out: Also write the scores there as JSON (replacing only an earlier scores file).
 
     Raises:
         InvalidArgumentError: ``region`` is neither ``all`` nor ``val``.
         CheckpointError: the model's bands differ from the cube's.
+        OutputPathError: ``out`` is a folder, an input, not writable, or a file that is not
+            an earlier scores file.
     """
     if region not in ("all", "val"):
         raise InvalidArgumentError(f"--region {region}: use all or val")
+    from planetseg.items import atomic_path
+    from planetseg.store import prepare_output
+
+    if out is not None:
+        prepare_output(out, "evaluate", kind="file", inputs=(model, cube), owns_file=_is_scores)
     net, card = load_model(model)
     data = open_cube(cube)
     if data.bands != card["bands"]:
@@ -115,4 +125,16 @@ def evaluate(
     result["model"] = card["digest"]
     result["cube"] = data.store
     result["region"] = region
+    if out is not None:
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _is_scores(path: Path) -> bool:
+    """Whether ``path`` holds scores written by :func:`evaluate` (which it may replace)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"miou", "per_class", "model", "region"} <= set(doc)

@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import logging
 import math
-import shutil
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -56,15 +55,21 @@ from planetseg.items import Item, read_items
 from planetseg.search import parse_bbox
 from planetseg.store import (
     EVERY_CHUNK,
+    PROGRESS_SUFFIX,
+    STAGE_ATTR,
+    Output,
     cf_attrs,
     consolidate,
+    create_owned_dir,
     done_markers,
     drop_partial_writes,
     get_attr,
     missing_chunks,
     open_for_writing,
     pixel_centres,
+    prepare_output,
     progress_dir,
+    remove_owned,
     set_attrs,
 )
 
@@ -834,17 +839,27 @@ def ingest(
         PlanetsegError: see :func:`plan_ingest`, :func:`check_memory` and
             :func:`check_assets`;
             :class:`~planetseg.errors.StoreMismatchError` when ``config.out`` holds a cube on
-            another grid.
+            another grid; :class:`~planetseg.errors.OutputPathError` when it is an input, a
+            file, not writable, or holds what ingest did not write (see
+            :func:`planetseg.store.prepare_output`).
     """
     from planetseg.loaders import get_loader
 
+    store = Path(config.out)
+    labels_file = config.labels if config.labels and _is_file(config.labels) else None
+    output = prepare_output(
+        store,
+        "ingest",
+        kind="store",
+        inputs=(items if isinstance(items, (str, Path)) else None, labels_file),
+        scratch=(PROGRESS_SUFFIX,),
+    )
     loader = get_loader(config.engine)
     items = load_items(items)
     plan = plan_ingest(items, config)
     loader.check(plan)
     check_memory(plan, client)
     by_id = {it["id"]: it for it in items}
-    store = Path(config.out)
     state = read_state(store)
     existed = state.exists
     new_times = plan.times
@@ -872,12 +887,13 @@ def ingest(
         check_assets([by_id[i] for s in new_times for i in s.item_ids], plan) if new_times else []
     )
     if not state.exists:
-        _create_store(store, plan, config, provenance, by_id)
+        remove_owned(progress_dir(store), "ingest")  # markers of a store that is gone
+        _create_store(output, plan, config, provenance, by_id)
     elif new_times:
         _append_times(store, plan, new_times)
     if existed and not state.complete:
         drop_partial_writes(store)
-    progress_dir(store).mkdir(exist_ok=True)
+    create_owned_dir(progress_dir(store), "ingest")
     state = read_state(store)
     todo = unfinished_tiles(plan, state.times_done, state.static_done)
     pending = [k for k in todo if tile_marker(*k) not in state.done]
@@ -911,14 +927,14 @@ def ingest(
         },
     )
     consolidate(store)
-    shutil.rmtree(progress_dir(store), ignore_errors=True)
+    remove_owned(progress_dir(store), "ingest")
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
     return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
 
 
 def _create_store(
-    store: Path,
+    output: Output,
     plan: CubePlan,
     config: IngestConfig,
     provenance: dict[str, Any] | None,
@@ -928,7 +944,7 @@ def _create_store(
     ds.attrs.update(_store_attrs(plan, config, provenance, items))
     try:
         ds.to_zarr(
-            str(store),
+            str(output.path),
             mode="w",
             compute=False,
             zarr_format=3,
@@ -936,9 +952,9 @@ def _create_store(
             encoding=_encoding(plan, ds),
         )
     except BaseException:
-        shutil.rmtree(store, ignore_errors=True)
+        output.discard()
         raise
-    consolidate(store)
+    consolidate(output.path)
 
 
 def unfinished_tiles(
@@ -1007,6 +1023,7 @@ def _store_attrs(
     items: dict[str, Item],
 ) -> dict[str, Any]:
     return {
+        STAGE_ATTR: "ingest",
         "planetseg:complete": False,
         EVERY_CHUNK: True,
         "planetseg:times_done": 0,

@@ -120,6 +120,29 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_items_output(
+    path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> None:
+    """Refuse an items ``--out`` that would lose data, before anything is searched or written.
+
+    An existing items file is replaced (it is what ``search`` writes); anything else is
+    refused: another file, a folder, an input, a location that is not writable.
+
+    Raises:
+        OutputPathError: see :func:`planetseg.store.prepare_output`.
+    """
+    from planetseg.store import prepare_output
+
+    def holds_items(existing: Path) -> bool:
+        try:
+            read_items(existing)
+        except CatalogReadError:
+            return False
+        return True
+
+    prepare_output(path, "search", kind="file", inputs=inputs, owns_file=holds_items)
+
+
 def write_items(items: Iterable[Item], path: str | os.PathLike[str]) -> Path:
     """Write items atomically in the format named by the suffix of ``path``."""
     path = Path(path)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -49,16 +48,22 @@ from planetseg.errors import (
 )
 from planetseg.store import (
     EVERY_CHUNK,
+    PROGRESS_SUFFIX,
+    STAGE_ATTR,
     ChunkGuard,
+    Output,
     cf_attrs,
     consolidate,
+    create_owned_dir,
     done_markers,
     drop_partial_writes,
     get_attr,
     missing_chunks,
     open_for_writing,
     pixel_centres,
+    prepare_output,
     progress_dir,
+    remove_owned,
     set_attrs,
     transform_from_cf,
 )
@@ -499,10 +504,13 @@ def _template(plan: SegmentPlan) -> Any:
     return ds
 
 
-def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_attrs: dict) -> None:
+def _create_store(
+    output: Output, plan: SegmentPlan, card: dict[str, Any], cube_attrs: dict
+) -> None:
     ds = _template(plan)
     ds.attrs.update(
         {
+            STAGE_ATTR: "segment",
             "planetseg:complete": False,
             EVERY_CHUNK: True,
             "planetseg:product": "labels",
@@ -530,7 +538,7 @@ def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_att
     }
     try:
         ds.to_zarr(
-            str(store),
+            str(output.path),
             mode="w",
             compute=False,
             zarr_format=3,
@@ -538,22 +546,20 @@ def _create_store(store: Path, plan: SegmentPlan, card: dict[str, Any], cube_att
             encoding=encoding,
         )
     except BaseException:
-        shutil.rmtree(store, ignore_errors=True)
+        output.discard()
         raise
-    consolidate(store)
+    consolidate(output.path)
 
 
 def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
     """(complete, markers) of an earlier run into ``store``, or (False, empty) if none.
 
+    ``store`` has passed :func:`~planetseg.store.prepare_output`: absent, empty or segment's.
+
     Raises:
-        StoreMismatchError: the path holds something else, or a run with other settings.
+        StoreMismatchError: the store holds a run with other settings.
     """
     if not (store / "zarr.json").exists():
-        if store.exists() and any(store.iterdir()):
-            raise StoreMismatchError(
-                f"{store} exists and is not a labels store: choose another --out"
-            )
         return False, set()
     old = get_attr(store, "planetseg:segment")
     if old is None:
@@ -589,12 +595,23 @@ def segment(
 
     Raises:
         PlanetsegError: see :func:`plan_segment`; StoreMismatchError if ``config.out`` holds
-            something else.
+            a run with other settings; OutputPathError if ``config.out`` or ``config.cog`` is
+            an input, a file, not writable or holds what segment did not write (see
+            :func:`planetseg.store.prepare_output`).
     """
     from planetseg.export import read_card
 
-    plan = plan or plan_segment(cube, config)
     store = Path(config.out)
+    output = prepare_output(
+        store,
+        "segment",
+        kind="store",
+        inputs=(cube, config.model, config.cog),
+        scratch=(PROGRESS_SUFFIX,),
+    )
+    if config.cog:
+        prepare_output(config.cog, "segment", inputs=(cube, config.model, store), flag="--cog")
+    plan = plan or plan_segment(cube, config)
     complete, done = _existing(store, plan)
     kept = sum(plan.tiles_of(int(m.split("-")[1])) for m in done if m.startswith("task-"))
     lost = _lost_tasks(store, plan) if complete else set()
@@ -608,17 +625,18 @@ def segment(
         done = {task_marker(i) for i in range(plan.n_tasks) if i not in lost}
         kept = plan.n_tiles - sum(plan.tiles_of(i) for i in lost)
     if not (store / "zarr.json").exists():
-        _create_store(store, plan, read_card(config.model), _cube_attrs(plan.cube))
+        remove_owned(progress_dir(store), "segment")  # markers of a store that is gone
+        _create_store(output, plan, read_card(config.model), _cube_attrs(plan.cube))
     else:
         drop_partial_writes(store)
-    progress_dir(store).mkdir(exist_ok=True)
+    create_owned_dir(progress_dir(store), "segment")
     total = plan.n_tiles
     if progress:
         progress(kept, total)
     computed = _run(plan, str(store), _pending(plan, done), client, config, progress, kept, total)
     set_attrs(store, **{"planetseg:complete": True})
     consolidate(store)
-    shutil.rmtree(progress_dir(store), ignore_errors=True)
+    remove_owned(progress_dir(store), "segment")
     logger.info("%s: %d tiles segmented, %d kept", store, computed, kept)
     return SegmentResult(store, plan, computed, kept, _export_cogs(store, plan, config))
 
@@ -705,8 +723,7 @@ def _export_cogs(store: Path, plan: SegmentPlan, config: SegmentConfig) -> tuple
     from planetseg.cog import write_cog
     from planetseg.palette import class_colormap
 
-    folder = Path(config.cog)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = create_owned_dir(Path(config.cog), "segment")
     classes = {int(k): v for k, v in plan.classes.items()}
     # Labels: every pixel is segmented, so no nodata; one colour and one name per class.
     # Confidence: 255 is the store's fill value of pixels never written.

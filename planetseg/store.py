@@ -4,25 +4,44 @@ A stage that writes a store (``ingest``, ``segment``) creates it from metadata f
 chunks in tasks that each touch a *marker* in ``<store>.progress/`` after their chunks, and
 sets ``planetseg:complete`` only at the end, removing the markers. A killed run therefore
 leaves a store that reads as unfinished, and a re-run redoes exactly the unmarked work.
+
+Ownership: planetseg deletes, replaces or resumes only what it wrote itself. Every folder it
+creates records the stage that made it: a store in its root attributes (``planetseg:stage``),
+any other folder (``<store>.progress``, a product folder, a COG folder, the synthetic world, a
+training run, the demo folder) in a small ``.planetseg`` file. Every stage calls
+:func:`prepare_output` on its outputs before it writes anything, creates folders with
+:func:`create_owned_dir` and removes them only with :func:`remove_owned`.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
+import json
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from planetseg import __version__
 from planetseg.bodies import parse_crs
-from planetseg.errors import StoreCorruptError
+from planetseg.errors import OutputPathError, StoreCorruptError
 
 T = TypeVar("T")
 
 PROGRESS_SUFFIX = ".progress"
+#: The file that marks a plain folder as planetseg's: JSON with the stage and the version.
+MARKER = ".planetseg"
+#: The root attribute that names the stage that wrote a store.
+STAGE_ATTR = "planetseg:stage"
+#: Stores written before ``planetseg:stage`` existed, known by their stage's own attribute.
+_LEGACY_STORE_ATTRS = {"planetseg:plan": "ingest", "planetseg:segment": "segment"}
 
 
 def progress_dir(store: Path) -> Path:
@@ -33,7 +52,7 @@ def progress_dir(store: Path) -> Path:
 def done_markers(store: Path) -> set[str]:
     """Names of the markers an unfinished run left (empty if none)."""
     marks = progress_dir(store)
-    return {p.name for p in marks.iterdir()} if marks.exists() else set()
+    return {p.name for p in marks.iterdir() if p.name != MARKER} if marks.exists() else set()
 
 
 def set_attrs(store: Path, **attrs: Any) -> None:
@@ -245,3 +264,233 @@ def missing_chunks(store: str | Path, name: str) -> list[tuple[int, ...]]:
     encode = array.metadata.encode_chunk_key
     grid = [range(n) for n in array.cdata_shape]
     return [c for c in itertools.product(*grid) if encode(c) not in present]
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def owner(path: Path) -> str | None:
+    """The planetseg stage that wrote the folder ``path``; None if absent, a file, or foreign."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    marker, root = path / MARKER, path / "zarr.json"
+    try:
+        if marker.is_file():
+            stage = json.loads(marker.read_text()).get("stage")
+            return stage if isinstance(stage, str) else None
+        if root.is_file():  # zarr v3 keeps the root group's attributes in zarr.json
+            attrs = json.loads(root.read_text()).get("attributes") or {}
+            if isinstance(attrs.get(STAGE_ATTR), str):
+                return attrs[STAGE_ATTR]
+            return next((s for a, s in _LEGACY_STORE_ATTRS.items() if a in attrs), None)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def mark_owned(folder: Path, stage: str) -> None:
+    """Write ``folder``'s marker (atomically: a kill leaves no half-written marker)."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}.", suffix=".part", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"stage": stage, "planetseg": __version__}, f)
+    os.replace(tmp, folder / MARKER)
+
+
+def create_owned_dir(path: Path, stage: str) -> Path:
+    """Create the folder ``path`` marked as ``stage``'s; keep it if it already is.
+
+    A new folder is made and marked under a temporary name, then renamed into place, so a kill
+    never leaves an unmarked folder under the real name; an empty folder is marked where it is.
+
+    Raises:
+        OutputPathError: ``path`` holds files that ``stage`` did not write, or is not writable.
+    """
+    path = Path(path)
+    if owner(path) == stage:
+        return path
+    if path.is_dir() and any(path.iterdir()):
+        raise OutputPathError(f"{path} exists and was not written by planetseg {stage}")
+    try:
+        if path.is_dir():
+            mark_owned(path, stage)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the mode mkdir would
+        try:
+            mark_owned(tmp, stage)
+            tmp.rename(path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if owner(path) != stage:  # not another process of the same run (DDP ranks)
+                raise
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise OutputPathError(f"{path} cannot be created: {path.parent} is not writable") from exc
+    return path
+
+
+def remove_owned(path: Path, stage: str) -> None:
+    """Remove the folder ``path`` (if present) only if ``stage`` wrote it.
+
+    Raises:
+        OutputPathError: ``path`` is not ``stage``'s: it is left as it is.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or owner(path) != stage:
+        raise OutputPathError(
+            f"{path} was not written by planetseg {stage}: it is left alone; move it away"
+        )
+    shutil.rmtree(path)
+
+
+@dataclass(frozen=True)
+class Output:
+    """An output path checked by :func:`prepare_output`.
+
+    Attributes:
+        path: The path as given.
+        stage: The stage that writes it.
+        earlier: It holds an earlier output of ``stage`` (to resume, or to replace).
+        existed: The path existed before this run (an empty folder counts).
+    """
+
+    path: Path
+    stage: str
+    earlier: bool
+    existed: bool
+
+    def discard(self) -> None:
+        """Remove what this run wrote at ``path`` after a failed first write.
+
+        An earlier output is kept, and so is a folder that was there before (emptied again).
+        """
+        if self.earlier or not self.path.exists():
+            return
+        if not self.path.is_dir():
+            self.path.unlink()
+        elif not self.existed:
+            shutil.rmtree(self.path)
+        else:
+            for child in self.path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+
+
+def prepare_output(
+    path: str | os.PathLike[str],
+    stage: str,
+    *,
+    kind: Literal["dir", "store", "file"] = "dir",
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    overwrite: bool = False,
+    replace_needs_overwrite: bool = False,
+    owns_file: Callable[[Path], bool] | None = None,
+    scratch: Iterable[str] = (),
+    flag: str = "--out",
+    label: str | None = None,
+) -> Output:
+    """Check an output path before ``stage`` writes anything there; nothing is written.
+
+    Refused: a path that is, is inside, or holds an input (symlinks resolved); the current
+    folder or one holding it; a file where a folder is wanted and the reverse; a location that
+    cannot be created or written; an existing folder (not empty) or store not written by
+    ``stage``, an existing file that ``owns_file`` does not recognise as ``stage``'s; an
+    earlier output of ``stage`` when ``replace_needs_overwrite`` and not ``overwrite``; and a
+    scratch folder (where the stage keeps its work) that is not ``stage``'s.
+
+    Args:
+        path: The output.
+        stage: The stage that writes it (``ingest``, ``segment``, ``diff``, ...).
+        kind: ``dir`` (a folder), ``store`` (a zarr store) or ``file``.
+        inputs: Paths the command reads (None entries are skipped).
+        overwrite: The user passed ``--overwrite``.
+        replace_needs_overwrite: An earlier output of ``stage`` is replaced only with
+            ``overwrite`` (products); otherwise it is resumed or rewritten.
+        owns_file: Whether an existing file is ``stage``'s own earlier output (``kind="file"``).
+        scratch: Suffixes of the folders ``<path><suffix>`` beside the output that the stage
+            creates and removes (``.progress``, ``.partial``).
+        flag: The option that names ``path``, for the messages.
+        label: How the messages name ``path``; default ``"<flag> <path>"``.
+
+    Returns:
+        What is there: an earlier output of ``stage`` or nothing (or an empty folder).
+
+    Raises:
+        OutputPathError: the path is refused; the message says why and what to do.
+    """
+    path = Path(path)
+    where = label or f"{flag} {path}"
+    real = path.resolve()
+    if kind != "file":
+        cwd = Path.cwd().resolve()
+        if real == cwd or real in cwd.parents:
+            raise OutputPathError(f"{where} is the current folder or holds it: name a new folder")
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if real == source:
+            raise OutputPathError(
+                f"{where} is also an input of this command: choose another {flag}"
+            )
+        if source in real.parents:
+            raise OutputPathError(f"{where} is inside the input {given}: choose another {flag}")
+        if real in source.parents:
+            raise OutputPathError(f"{where} holds the input {given}: choose another {flag}")
+    existed = path.exists() or path.is_symlink()
+    if existed and kind == "file" and path.is_dir():
+        raise OutputPathError(f"{where} is a folder: give a file name")
+    if existed and kind != "file" and not path.is_dir():
+        raise OutputPathError(f"{where} is a file, not a folder: choose another {flag}")
+    _check_writable(path, kind, where, flag)
+    earlier = False
+    if existed and (kind == "file" or any(path.iterdir())):
+        found = None if kind == "file" else owner(path)
+        earlier = owns_file(path) if kind == "file" and owns_file else found == stage
+        if not earlier:
+            what = (
+                f"holds planetseg {found} output, not {stage}'s"
+                if found
+                else f"exists and was not written by planetseg {stage}"
+            )
+            raise OutputPathError(
+                f"{where} {what}: choose another {flag} (planetseg never overwrites what it did "
+                "not write)"
+            )
+        if replace_needs_overwrite and not overwrite:
+            raise OutputPathError(
+                f"{where} holds an earlier planetseg {stage} output: pass --overwrite to replace "
+                f"it, or choose another {flag}"
+            )
+    for suffix in scratch:
+        extra = path.with_name(path.name + suffix)
+        if (extra.exists() or extra.is_symlink()) and owner(extra) != stage:
+            raise OutputPathError(
+                f"{extra} exists and was not written by planetseg {stage}, which keeps its work "
+                f"there while writing {where}: move it away or choose another {flag}"
+            )
+    return Output(path, stage, earlier, existed)
+
+
+def _check_writable(path: Path, kind: str, where: str, flag: str) -> None:
+    """Refuse an output whose folder (or nearest existing ancestor) is a file or not writable."""
+    probes = [path] if kind != "file" and path.is_dir() else []
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{where} cannot be created: {ancestor} is a file")
+    for probe in [ancestor, *probes]:
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise OutputPathError(
+                f"{where}: {probe} is not writable: choose another {flag} or make it writable"
+            )

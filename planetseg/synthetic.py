@@ -47,6 +47,7 @@ from planetseg import __version__
 from planetseg.bodies import Body, body_of_crs, parse_crs
 from planetseg.errors import InvalidArgumentError
 from planetseg.items import Item, atomic_path, isoformat, raster_item, write_items
+from planetseg.store import create_owned_dir, prepare_output
 
 __all__ = [
     "CLASSES",
@@ -844,14 +845,16 @@ def synthesize(out_dir: str | Path, *, config: SynthConfig | None = None) -> Syn
 
     Raises:
         InvalidArgumentError: ``config`` is not a :class:`SynthConfig`.
+        OutputPathError: ``out_dir`` is a file, not writable, or a folder holding files that
+            synth did not write (an earlier world is rewritten).
     """
     if config is None:
         config = SynthConfig()
     if not isinstance(config, SynthConfig):
         raise InvalidArgumentError(f"config must be a SynthConfig, got {type(config).__name__}")
     start = time.perf_counter()
-    root = Path(out_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    prepare_output(out_dir, "synth")
+    root = create_owned_dir(Path(out_dir).resolve(), "synth")
     scene = render(config)
     grid = _Grid(scene.crs, scene.body, scene.transform, config.size)
     collection_id = f"synthetic-{scene.body.name}"

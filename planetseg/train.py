@@ -44,6 +44,7 @@ from planetseg.data import CubeData, Degradation, Split, WindowSampler, open_cub
 from planetseg.errors import CheckpointError, InvalidArgumentError, TrainingInterrupted
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss
+from planetseg.store import create_owned_dir, prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def train(cube: str | Path, config: TrainConfig, progress: Progress | None = Non
 
     Raises:
         PlanetsegError: bad cube (no labels, unfinished), bad settings (scale vs crop),
-            unreadable checkpoint on ``resume``.
+            unreadable checkpoint on ``resume``; an ``out`` that is a file, the cube, not
+            writable, or a folder that train did not write (OutputPathError).
         TrainingInterrupted: SIGINT or SIGTERM stopped the run (after a checkpoint).
     """
     data = open_cube(cube)
@@ -108,6 +110,7 @@ def train(cube: str | Path, config: TrainConfig, progress: Progress | None = Non
             "(--nproc-per-node), drop --nproc"
         )
     run = Path(config.out)
+    prepare_output(run, "train", inputs=(cube,))
     if config.resume:
         # Fail here, in one line, before any process starts.
         _check_resume(_read_checkpoint(run / CHECKPOINT), data, config)
@@ -115,7 +118,7 @@ def train(cube: str | Path, config: TrainConfig, progress: Progress | None = Non
         raise InvalidArgumentError(
             f"{run} already holds a run: pass --resume to continue it, or choose another --out"
         )
-    run.mkdir(parents=True, exist_ok=True)
+    create_owned_dir(run, "train")
     if torchrun:
         with _stop_on_signals() as stop:
             _worker(torchrun[0], torchrun[1], str(cube), config, None, progress, stop)

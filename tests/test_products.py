@@ -175,8 +175,9 @@ def test_craters_cli_writes_catalog_scores_and_item(
         np.array([0.0, store.shape[0]]), np.array([0.0, store.shape[1]])
     )
     assert table["lon"].between(lon.min() - 1e-6, lon.max() + 1e-6).all()
-    # the catalog is itself a crater catalog planetseg reads (ingest --labels, --reference)
-    csv = tmp_path / "craters.csv"
+    # the catalog is itself a crater catalog planetseg reads (ingest --labels, --reference);
+    # another stem: craters.csv would share craters.parquet's item and scores files
+    csv = tmp_path / "craters-table.csv"
     craters(labels, CratersConfig(out=str(csv)))
     from planetseg.labels import read_crater_catalog
 

@@ -31,7 +31,7 @@ from planetseg.export import load_model
 from planetseg.ingest import ingest
 from planetseg.model import fuse_for_inference
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment
-from planetseg.store import progress_dir
+from planetseg.store import done_markers, progress_dir
 from planetseg.synthetic import SynthConfig, synthesize
 from tests.test_cli import assert_one_line_error, planetseg, start_planetseg
 from tests.virtual import virtual_cube
@@ -103,10 +103,9 @@ def test_worker_killed_mid_run(world: dict[str, Path], reference: Path) -> None:
             target=lambda: outcome.update(result=segment(world["lr"], config, client=client))
         )
         runner.start()
-        marks = progress_dir(out)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if marks.exists() and len(list(marks.iterdir())) >= 4:
+            if len(done_markers(out)) >= 4:
                 break
             time.sleep(0.01)
         victim = next(iter(pids.values()))
@@ -126,15 +125,14 @@ def test_kill_and_resume_computes_only_the_rest(world: dict[str, Path], referenc
         "--batch", "1", "--cluster", "none",
     ]  # fmt: skip
     proc = start_planetseg(*args)
-    marks = progress_dir(out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if marks.exists() and len(list(marks.iterdir())) >= 10:
+        if len(done_markers(out)) >= 10:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(marks.iterdir()))
+    done = len(done_markers(out))
     assert 10 <= done < 48, "the run finished before it could be killed"
     assert zarr.open_group(str(out), mode="r").attrs["planetseg:complete"] is False
     again = planetseg(*args)

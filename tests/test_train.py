@@ -18,6 +18,7 @@ from planetseg.config import IngestConfig, TrainConfig
 from planetseg.errors import CheckpointError, InvalidArgumentError
 from planetseg.export import WEIGHTS, load_model
 from planetseg.ingest import ingest
+from planetseg.store import create_owned_dir
 from planetseg.synthetic import SynthConfig, synthesize
 from planetseg.train import train
 from tests.test_cli import assert_one_line_error, planetseg, start_planetseg
@@ -184,8 +185,7 @@ def test_bad_training_input(small_cube: Path, tmp_path: Path) -> None:
         planetseg("train", str(small_cube), "--out", str(tmp_path / "b"), "--crop", "36"),
         "--crop 36",
     )
-    run = tmp_path / "c"
-    run.mkdir()
+    run = create_owned_dir(tmp_path / "c", "train")  # a run folder whose checkpoint broke
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(
         planetseg("train", str(small_cube), "--out", str(run), "--resume"), "unreadable"
