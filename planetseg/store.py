@@ -42,6 +42,9 @@ MARKER = ".planetseg"
 STAGE_ATTR = "planetseg:stage"
 #: Stores written before ``planetseg:stage`` existed, known by their stage's own attribute.
 _LEGACY_STORE_ATTRS = {"planetseg:plan": "ingest", "planetseg:segment": "segment"}
+#: Folders written before markers existed, known by the file only their stage writes there
+#: (a training run's checkpoint), so that an earlier version's run still resumes.
+_LEGACY_FOLDER_FILES = {"checkpoint.pt": "train"}
 
 
 def progress_dir(store: Path) -> Path:
@@ -286,7 +289,7 @@ def owner(path: Path) -> str | None:
             return next((s for a, s in _LEGACY_STORE_ATTRS.items() if a in attrs), None)
     except (OSError, ValueError, AttributeError):
         return None
-    return None
+    return next((s for f, s in _LEGACY_FOLDER_FILES.items() if (path / f).is_file()), None)
 
 
 def mark_owned(folder: Path, stage: str) -> None:
