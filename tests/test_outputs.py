@@ -218,7 +218,7 @@ def test_a_foreign_output_folder_is_refused(
         "ingest": ("ingest", str(world["items"]), "--out", str(out), "--cluster", "none"),
         "segment": (*segment_args(world, out), "--cluster", "none"),
         "synth": ("synth", "--out", str(out), "--size", "128"),
-        "demo": ("demo", "--out", str(out), "--size", "128", "--cluster", "none"),
+        "demo": ("demo", "--out", str(out), "--size", "256", "--cluster", "none"),
         "train": ("train", str(world["hr"]), "--out", str(out), "--steps", "1", "--crop", "32"),
     }[stage]
     proc = planetseg(*args)
@@ -249,7 +249,7 @@ def test_an_output_that_is_a_file_is_one_line(
         (*segment_args(world, tmp_path / "l.zarr"), "--cog", str(path), "--cluster", "none"),
         diff_args(labels, path),
         ("synth", "--out", str(path), "--size", "128"),
-        ("demo", "--out", str(path), "--size", "128", "--cluster", "none"),
+        ("demo", "--out", str(path), "--size", "256", "--cluster", "none"),
         ("train", str(world["hr"]), "--out", str(path), "--steps", "1", "--crop", "32"),
     ):
         proc = planetseg(*args)

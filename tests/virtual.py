@@ -15,12 +15,12 @@ def virtual_cube(path: Path, *, like: Path, side: int, tile: int, times: int = 1
     """Write a complete-looking cube of ``times x bands x side x side`` with ``like``'s grid.
 
     Pixel size, CRS, bands and attributes are ``like``'s; no chunk is written (reads return
-    the fill value).
+    the fill value, so the cube does not claim that every chunk was written).
     """
     import dask.array as da
     import xarray as xr
 
-    from planetseg.store import cf_attrs, pixel_centres, transform_from_cf
+    from planetseg.store import EVERY_CHUNK, cf_attrs, pixel_centres, transform_from_cf
 
     src = xr.open_zarr(like, consolidated=False)
     transform = transform_from_cf(dict(src["spatial_ref"].attrs))
@@ -41,7 +41,10 @@ def virtual_cube(path: Path, *, like: Path, side: int, tile: int, times: int = 1
     ds = xr.Dataset(
         {"image": (("time", "band", "y", "x"), image, {"grid_mapping": "spatial_ref"})},
         coords=coords,
-        attrs={**src.attrs, "planetseg:complete": True},
+        attrs={
+            **{k: v for k, v in src.attrs.items() if k != EVERY_CHUNK},
+            "planetseg:complete": True,
+        },
     )
     encoding = {"image": {"chunks": (1, len(bands), tile, tile)}}
     ds.to_zarr(
