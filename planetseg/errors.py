@@ -22,6 +22,10 @@ class InvalidArgumentError(PlanetsegError, ValueError):
     exit_code = 2
 
 
+class WorkflowError(InvalidArgumentError):
+    """A workflow file is unreadable, or a key in it is unknown, mistyped, missing or refused."""
+
+
 class CatalogNotFoundError(PlanetsegError, LookupError):
     """A catalog name, URL or path does not resolve to a catalog."""
 
