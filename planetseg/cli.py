@@ -898,6 +898,93 @@ def info(
         out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
+# --------------------------------------------------------------------------- run
+
+
+@app.command("run")
+def run_(
+    workflow: Annotated[Path, typer.Argument(help="Workflow file (workflows/*.yaml).")],
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print what would run and why; change nothing.")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Retry quarantined units now.")
+    ] = False,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            metavar="KIND|ADDRESS",
+            help="Override the workflow's cluster kind.",
+            rich_help_panel=CLUSTER,
+        ),
+    ] = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(help="Batch jobs to submit (slurm, pbs).", rich_help_panel=CLUSTER),
+    ] = None,
+) -> None:
+    """Run a workflow: only what is new, changed or failed since the last run (resumable)."""
+    from dataclasses import replace
+
+    from planetseg.run import plan_run, run_workflow
+    from planetseg.workflow import load_workflow
+
+    flow = load_workflow(workflow)
+    overrides = {"kind": cluster, "workers": workers, "threads": threads, "jobs": jobs}
+    computing = replace(flow.cluster, **{k: v for k, v in overrides.items() if v is not None})
+    _cluster(computing.kind, computing.workers, computing.threads, computing.jobs)  # checks
+    if plan:
+        items, units = plan_run(flow, retry_failed=retry_failed)
+        _print_units(flow, items, units)
+        return
+    from planetseg.cluster import dask_client
+
+    def say(message: str) -> None:
+        err.print(f"planetseg: {message}", highlight=False, soft_wrap=True, markup=False)
+
+    on_dashboard = lambda url: out.print(f"Dask dashboard: {url}")  # noqa: E731
+    with dask_client(computing, on_dashboard=on_dashboard) as client:
+        result = run_workflow(flow, client=client, retry_failed=retry_failed, on_progress=say)
+    _print_run(flow, result)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _print_units(flow: Any, items: list[Any], units: list[Any]) -> None:
+    todo = [u for u in units if u.reason]
+    out.print(f"[bold]plan[/bold] {flow.name}: {len(items)} item(s) in the catalog")
+    if not todo:
+        out.print("nothing to do: every unit is done with the current settings")
+        return
+    table = Table(show_edge=False)
+    for col in ("step", "unit", "why"):
+        table.add_column(col)
+    for u in todo:
+        table.add_row(u.step, u.unit, u.reason)
+    out.print(table)
+    later = " (segment, diff and craters of new time steps are planned once they are ingested)"
+    out.print(
+        f"{len(todo)} unit(s) would run" + (later if any(u.step == "ingest" for u in todo) else "")
+    )
+
+
+def _print_run(flow: Any, result: Any) -> None:
+    table = Table(show_edge=False)
+    for col in ("step", "processed", "skipped", "failed", "quarantined"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for step, c in result.counts.items():
+        table.add_row(step, *(str(c[k]) for k in ("processed", "skipped", "failed", "quarantined")))
+    out.print(f"[bold]run[/bold] {flow.name} {result.id}:")
+    out.print(table)
+    if not any(c["processed"] for c in result.counts.values()) and not result.errors:
+        out.print("nothing new: every unit was already done with the current settings")
+    for e in result.errors:
+        out.print(f"  {e['status']}: {e['step']} {e['unit']}: {e['error']}", highlight=False)
+    out.print(f"record -> {result.record}")
+
+
 # --------------------------------------------------------------------------- synth, demo
 
 

@@ -26,6 +26,10 @@ class WorkflowError(InvalidArgumentError):
     """A workflow file is unreadable, or a key in it is unknown, mistyped, missing or refused."""
 
 
+class RunLockedError(PlanetsegError, RuntimeError):
+    """Another run of the same workflow holds its lock and is alive."""
+
+
 class CatalogNotFoundError(PlanetsegError, LookupError):
     """A catalog name, URL or path does not resolve to a catalog."""
 

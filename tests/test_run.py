@@ -1,0 +1,160 @@
+"""`planetseg run`: a workflow runs incrementally, records what it did, and holds its lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from planetseg.items import read_items, write_items
+from tests.test_cli import assert_one_line_error, planetseg
+
+FLOW = """\
+catalog:
+  catalog: catalog.ndjson
+cube:
+  store: cube.zarr
+  resolution: 1.0
+  resampling: average
+  tile: 32
+steps:
+  ingest: {{}}
+  segment:
+    model: {model}
+  diff:
+    compare: previous
+  craters:
+    min_diameter: {min_diameter}
+cluster:
+  kind: none
+outputs: out
+"""
+
+
+def _flow(tmp_path: Path, world: dict[str, Path], epochs: int, min_diameter: int = 3) -> Path:
+    items = read_items(world["items"])
+    write_items(items[:epochs], tmp_path / "catalog.ndjson")
+    path = tmp_path / "flow.yaml"
+    path.write_text(FLOW.format(model=world["model"], min_diameter=min_diameter))
+    return path
+
+
+def _record(proc_stdout: str) -> dict:
+    path = proc_stdout.strip().splitlines()[-1].split("record -> ")[1]
+    return json.loads(Path(path).read_text())
+
+
+def _processed(record: dict) -> dict[str, int]:
+    return {step: c["processed"] for step, c in record["counts"].items()}
+
+
+def test_run_is_incremental_and_equals_the_stages_by_hand(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import xarray as xr
+
+    flow = _flow(tmp_path, world, epochs=2)
+    first = planetseg("run", str(flow))
+    assert first.returncode == 0, first.stderr
+    assert _processed(_record(first.stdout)) == {
+        "ingest": 2, "segment": 2, "diff": 1, "craters": 2
+    }  # fmt: skip
+    # A third epoch in the catalog: exactly that epoch is ingested, segmented and derived.
+    _flow(tmp_path, world, epochs=3)
+    plan = planetseg("run", str(flow), "--plan")
+    assert plan.returncode == 0 and "new" in plan.stdout and "synthetic-moon-e02" in plan.stdout
+    second = planetseg("run", str(flow))
+    assert second.returncode == 0, second.stderr
+    record = _record(second.stdout)
+    assert _processed(record) == {"ingest": 1, "segment": 1, "diff": 1, "craters": 1}
+    [name] = record["processed"]["segment"]
+    assert name.startswith("0002-")
+    # Nothing new: nothing runs, and it says so; --plan changes nothing.
+    ledger = tmp_path / "out" / "ledger.sqlite"
+    before = ledger.stat().st_mtime_ns
+    plan = planetseg("run", str(flow), "--plan")
+    assert "nothing to do" in plan.stdout and ledger.stat().st_mtime_ns == before
+    third = planetseg("run", str(flow))
+    assert third.returncode == 0 and "nothing new" in third.stdout
+    assert _processed(_record(third.stdout)) == {
+        s: 0 for s in ("ingest", "segment", "diff", "craters")
+    }
+    # Only the crater settings change: only craters re-run.
+    _flow(tmp_path, world, epochs=3, min_diameter=4)
+    fourth = planetseg("run", str(flow))
+    assert _processed(_record(fourth.stdout)) == {
+        "ingest": 0, "segment": 0, "diff": 0, "craters": 3
+    }  # fmt: skip
+    # The run's labels equal segmenting the cube by hand.
+    by_hand = tmp_path / "by-hand.zarr"
+    proc = planetseg(
+        "segment", str(tmp_path / "cube.zarr"), "--model", str(world["model"]),
+        "--out", str(by_hand), "--time", "2", "--cluster", "none",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    [store] = sorted((tmp_path / "out" / "labels").glob("0002-*.zarr"))
+    ran = xr.open_zarr(store)["labels"].values
+    assert np.array_equal(ran, xr.open_zarr(by_hand)["labels"].values)
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    flow = _flow(tmp_path, world, epochs=1)
+    out = tmp_path / "out"
+    assert planetseg("run", str(flow)).returncode == 0
+    lock = out / "run.lock"
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+    lock.write_text(json.dumps(live))
+    proc = planetseg("run", str(flow))
+    assert_one_line_error(proc, "another run", str(lock))
+    assert lock.exists()
+    dead = {**live, "pid": 2**22 + 17}  # no such process
+    lock.write_text(json.dumps(dead))
+    proc = planetseg("run", str(flow))
+    assert proc.returncode == 0, proc.stderr
+    assert not lock.exists()
+
+
+def test_an_unreadable_item_fails_alone_and_is_retried(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    flow = _flow(tmp_path, world, epochs=2)
+    items = read_items(tmp_path / "catalog.ndjson")
+    for asset in items[1]["assets"].values():
+        asset["href"] = str(tmp_path / "missing.tif")
+    write_items(items, tmp_path / "catalog.ndjson")
+    proc = planetseg("run", str(flow))
+    assert proc.returncode == 1
+    record = _record(proc.stdout)
+    assert record["counts"]["ingest"]["processed"] == 1
+    assert [e["unit"] for e in record["errors"]] == [items[1]["id"]]
+    # Repaired catalog: the next run ingests exactly the failed item.
+    _flow(tmp_path, world, epochs=2)
+    proc = planetseg("run", str(flow))
+    assert proc.returncode == 0, proc.stderr
+    assert _processed(_record(proc.stdout))["ingest"] == 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "words"),
+    [
+        ("  ingest: {{}}", "  train: {{}}", ["steps.train", "unknown key"]),
+        ("outputs: out", "outputs: [1, 2]", ["outputs", "single value"]),
+        ("    min_diameter: {min_diameter}", "    min_diameter: -1", ["steps.craters"]),
+    ],
+)
+def test_a_bad_workflow_is_one_line_and_writes_nothing(
+    tmp_path: Path, old: str, new: str, words: list[str]
+) -> None:
+    path = tmp_path / "flow.yaml"
+    assert old in FLOW
+    path.write_text(FLOW.replace(old, new).format(model=tmp_path / "model", min_diameter=3))
+    proc = planetseg("run", str(path))
+    assert_one_line_error(proc, str(path), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml"]
