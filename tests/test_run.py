@@ -116,9 +116,13 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
     assert lock.exists()
     dead = {**live, "pid": 2**22 + 17}  # no such process
     lock.write_text(json.dumps(dead))
-    proc = planetseg("run", str(flow))
+    proc = planetseg("run", str(flow), "--cluster", "local", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     assert not lock.exists()
+    # On a Dask cluster the run prints the dashboard and keeps its performance report.
+    assert "Dask dashboard: http://127.0.0.1:" in proc.stdout
+    record = Path(proc.stdout.strip().splitlines()[-1].split("record -> ")[1])
+    assert record.with_suffix(".html").stat().st_size > 0
 
 
 def test_an_unreadable_item_fails_alone_and_is_retried(
@@ -158,3 +162,32 @@ def test_a_bad_workflow_is_one_line_and_writes_nothing(
     proc = planetseg("run", str(path))
     assert_one_line_error(proc, str(path), *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml"]
+
+
+def test_a_run_killed_mid_segment_resumes_to_the_same_outputs(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import signal
+
+    import xarray as xr
+
+    from tests.test_cli import start_planetseg
+
+    clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
+    clean_dir.mkdir()
+    killed_dir.mkdir()
+    clean, killed = _flow(clean_dir, world, epochs=3), _flow(killed_dir, world, epochs=3)
+    assert planetseg("run", str(clean)).returncode == 0
+    proc = start_planetseg("run", str(killed))
+    labels = killed_dir / "out" / "labels"
+    deadline = time.monotonic() + 120
+    while not labels.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    again = planetseg("run", str(killed))  # takes over the dead run's lock
+    assert again.returncode == 0, again.stderr
+    for store in sorted((clean_dir / "out" / "labels").glob("*.zarr")):
+        a, b = xr.open_zarr(store), xr.open_zarr(labels / store.name)
+        for name in ("labels", "confidence"):
+            assert np.array_equal(a[name].values, b[name].values), (store.name, name)
