@@ -191,3 +191,35 @@ def test_a_run_killed_mid_segment_resumes_to_the_same_outputs(
         a, b = xr.open_zarr(store), xr.open_zarr(labels / store.name)
         for name in ("labels", "confidence"):
             assert np.array_equal(a[name].values, b[name].values), (store.name, name)
+
+
+def test_a_new_model_resegments_every_epoch_and_rederives_the_products(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from planetseg.config import TrainConfig
+    from planetseg.train import train
+
+    flow = _flow(tmp_path, world, epochs=2)
+    assert planetseg("run", str(flow)).returncode == 0
+    other = train(
+        world["hr"],
+        TrainConfig(out=str(tmp_path / "run2"), steps=2, width=8, depth=2, crop=32,
+                    batch_size=4, val_every=1000, seed=1),
+    )  # fmt: skip
+    flow.write_text(FLOW.format(model=other, min_diameter=3))
+    plan = planetseg("run", str(flow), "--plan")
+    assert plan.stdout.count("fingerprint") == 2 + 1 + 2, plan.stdout
+    proc = planetseg("run", str(flow))
+    assert proc.returncode == 0, proc.stderr
+    assert _processed(_record(proc.stdout)) == {
+        "ingest": 0, "segment": 2, "diff": 1, "craters": 2
+    }  # fmt: skip
+    import zarr
+
+    from planetseg.export import load_model
+
+    digest = load_model(other)[1]["digest"]
+    stores = sorted((tmp_path / "out" / "labels").glob("*.zarr"))
+    assert len(stores) == 2
+    for store in stores:
+        assert zarr.open_group(str(store), mode="r").attrs["planetseg:model"] == digest
