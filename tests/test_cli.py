@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,7 @@ def test_catalogs_lists_worlds_and_collections() -> None:
 def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     import xarray as xr
 
-    out = tmp_path / "demo"
+    out = tmp_path / "demo-out"
     args = ("demo", "--out", str(out), "--size", "512", "--steps", "2", "--cluster", "none")
     first = planetseg(*args)
     assert first.returncode == 0, first.stderr
@@ -160,6 +161,16 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     assert "tiles: 0 written" in again.stdout
     assert "0 tiles segmented, 3 kept" in " ".join(again.stdout.split())
     assert "mIoU" in again.stdout
+    # The shipped demo workflow runs on the demo's output, offline (its paths are relative).
+    flow = tmp_path / "workflows" / "demo.yaml"
+    flow.parent.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "workflows" / "demo.yaml", flow)
+    run = planetseg("run", str(flow), "--cluster", "none")
+    assert run.returncode == 0, run.stderr
+    counts = json.loads(Path(run.stdout.split("record -> ")[1].strip()).read_text())["counts"]
+    assert {s: c["processed"] for s, c in counts.items()} == {
+        "ingest": 3, "segment": 3, "diff": 2, "craters": 3
+    }  # fmt: skip
 
 
 COMMANDS = ("catalogs", "search", "ingest", "train", "evaluate", "segment", "diff", "craters",
