@@ -464,7 +464,8 @@ def _execute(state: _Run, say: Callable[[str], None]) -> list[Unit]:
         units = _time_units(flow, state.ledger, cube, state.retry)[step]
         planned += units
         todo = [u for u in units if u.reason]
-        state.count(step, "skipped", len(units) - len(todo)) if units else None
+        if units:
+            state.count(step, "skipped", len(units) - len(todo))
         if not todo:
             continue
         say(f"{step}: {len(todo)} to do ({_reasons(todo)})")
