@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "scrontab", "sbatch", "crontab")
 MARKER = "planetseg:"
 TEMPLATE = "planetseg-run.sbatch"
+DISABLED = "#DISABLED: "  # how scrontab -l shows an entry SLURM disabled
 #: How often a job retries submitting its successor, and the seconds between tries.
 SUBMIT_TRIES = 5
 SUBMIT_PAUSE = 20
@@ -324,14 +325,29 @@ def _read_table(tool: str) -> str:
 
 
 def _write_table(tool: str, text: str) -> None:
-    # Both crontab and scrontab install a file given by name.
-    with tempfile.NamedTemporaryFile("w", suffix=".cron", delete=False) as f:
-        f.write(text)
-    try:
-        proc = _call([_tool(tool), f.name])
-    finally:
-        os.unlink(f.name)
-    if proc.returncode != 0:
+    """Install ``text`` as the whole table: ``crontab FILE``, or scrontab's editor round trip.
+
+    SLURM 22.05's ``scrontab`` takes no file: it only edits, through ``$VISUAL``, and on a bad
+    entry asks whether to edit again (answered ``n`` here; it then exits 0, so its message is
+    what tells the failure).
+    """
+    with tempfile.TemporaryDirectory(prefix="planetseg-cron-") as tmp:
+        table = Path(tmp) / "table.cron"
+        table.write_text(text)
+        if tool == "crontab":
+            proc = _call([_tool(tool), str(table)])
+        else:
+            editor = Path(tmp) / "editor"
+            editor.write_text(f'#!/bin/sh\ncat {shlex.quote(str(table))} > "$1"\n')
+            editor.chmod(0o700)
+            proc = subprocess.run(
+                [_tool(tool)], input="n\n", capture_output=True, text=True, timeout=60,
+                env={**os.environ, "VISUAL": str(editor), "EDITOR": str(editor)},
+            )  # fmt: skip
+    refused = "There are errors" in proc.stdout or "There was an issue" in proc.stdout
+    if proc.returncode != 0 or refused:
+        if refused:
+            proc.stderr = proc.stdout.split("The failed line")[0]
         raise _failed(f"{tool} (installing the new table)", proc)
 
 
@@ -350,7 +366,9 @@ def _blocks(text: str) -> Iterable[tuple[Path, list[str], int, int]]:
         j = i + 1
         while j < len(lines) and lines[j].startswith("#SCRON"):
             j += 1
-        end = j + 1 if j < len(lines) and lines[j].strip() and not lines[j].startswith("#") else j
+        entry = j < len(lines) and lines[j].strip() and not lines[j].startswith("#")
+        entry = entry or (j < len(lines) and lines[j].startswith(DISABLED))
+        end = j + 1 if entry else j
         yield workflow, lines[i:end], i, end
         i = end
 
@@ -387,9 +405,12 @@ def _cron_entry(workflow: Path, every: str, name: str, walltime: str, backend: s
 def _table_entries(backend: str) -> list[Entry]:
     entries = []
     for workflow, lines, _, _ in _blocks(_read_table(backend)):
-        line = lines[-1] if not lines[-1].startswith("#") else ""
+        last = lines[-1]
+        is_entry = not last.startswith("#") or last.startswith(DISABLED)
+        line = last.removeprefix(DISABLED) if is_entry else ""
         every = " ".join(line.split()[:5]) if line else "?"
-        entries.append(Entry(workflow, backend, every, line or "(no cron line)"))
+        detail = f"disabled by SLURM: {line}" if last.startswith(DISABLED) else line
+        entries.append(Entry(workflow, backend, every, detail or "(no cron line)"))
     return entries
 
 

@@ -102,6 +102,17 @@ def test_bad_cron_names_the_field(expression: str, words: list[str]) -> None:
     assert all(w in str(caught.value) for w in words), caught.value
 
 
+def test_removing_an_entry_keeps_every_other_line_of_the_table() -> None:
+    from planetseg.schedule import _without
+
+    users = "MAILTO=me\n#SCRON --time=1\n*/10 * * * * /bin/true\n\n# a note\n"
+    ours = "# planetseg:/a/flow.yaml\n#SCRON --job-name=planetseg-a\n#DISABLED: 0 2 * * * run\n"
+    other = "# planetseg:/b/flow.yaml\n0 3 * * * run\n"
+    kept, removed = _without(users + ours + other + "PATH=/bin\n", Path("/a/flow.yaml"))
+    assert removed and kept == users + other + "PATH=/bin\n"
+    assert _without(kept, Path("/a/flow.yaml")) == (kept, False)
+
+
 # ----------------------------------------------------------------------------- CLI errors
 
 
@@ -302,7 +313,10 @@ def test_scrontab_install_list_remove_keeps_the_users_lines(flow: Path, slurm: A
         pytest.skip("scrontab is not installed (Debian's slurm-client 22.05 leaves it out)")
     mine = "#SCRON --time=1\n*/10 * * * * /bin/true\n"
     (flow.parent / "mine.cron").write_text(mine)
-    subprocess.run(["scrontab", str(flow.parent / "mine.cron")], check=True, env=slurm.env)
+    editor = flow.parent / "editor"  # scrontab 22.05 only edits, through $VISUAL
+    editor.write_text(f'#!/bin/sh\ncp {flow.parent / "mine.cron"} "$1"\n')
+    editor.chmod(0o755)
+    subprocess.run(["scrontab"], check=True, env={**slurm.env, "VISUAL": str(editor)})
     proc = planetseg("schedule", str(flow), "--every", "0 2 * * *", "--backend", "scrontab")
     assert proc.returncode == 0, proc.stderr
     table = subprocess.run(["scrontab", "-l"], capture_output=True, text=True,
