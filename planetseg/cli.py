@@ -985,6 +985,59 @@ def _print_run(flow: Any, result: Any) -> None:
     out.print(f"record -> {result.record}")
 
 
+# --------------------------------------------------------------------------- schedule
+
+
+@app.command()
+def schedule(
+    workflow: Annotated[
+        Path | None, typer.Argument(help="The workflow file (optional with --list).")
+    ] = None,
+    every: Annotated[
+        str | None, typer.Option(metavar="CRON", help='When to run, e.g. "0 2 * * *" (02:00).')
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto, scrontab, sbatch or crontab; auto picks the first found.")
+    ] = "auto",
+    walltime: Annotated[
+        str, typer.Option(help="Time limit of each run's SLURM job, [D-]HH:MM:SS.")
+    ] = "12:00:00",
+    list_: Annotated[bool, typer.Option("--list", help="Show planetseg's schedules.")] = False,
+    remove: Annotated[
+        bool, typer.Option("--remove", help="Remove the workflow's schedule.")
+    ] = False,
+) -> None:
+    """Run a workflow on a schedule: scrontab, a self-resubmitting sbatch job, or crontab."""
+    from planetseg import schedule as sched
+
+    if list_:
+        found = sched.entries(backend, workflow)
+        for e in found:
+            line = f"{e.backend:8} {e.every:15} {e.workflow}\n         {e.detail}"
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        if not found:
+            out.print("no planetseg schedules", highlight=False)
+        return
+    if workflow is None:
+        raise InvalidArgumentError("give the WORKFLOW file to schedule (or --list)")
+    if remove:
+        removed = sched.remove(workflow, backend)
+        where = workflow.resolve()
+        said = f"removed the schedule of {where} from {', '.join(removed)}" if removed else None
+        out.print(said or f"{where} has no schedule", highlight=False, markup=False)
+        return
+    if every is None:
+        raise InvalidArgumentError('give --every "CRON", e.g. --every "0 2 * * *"')
+    from planetseg.config import ScheduleConfig
+    from planetseg.workflow import load_workflow
+
+    flow = load_workflow(workflow)
+    entry = sched.install(flow.path, flow.name, ScheduleConfig(every, backend, walltime))
+    said = f"{entry.backend}: {flow.name} every {entry.every!r}: {entry.detail}"
+    logs = f"  logs in {sched.state_dir(entry.workflow)}"
+    out.print(f"{said}\n{logs}", highlight=False, markup=False, soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- synth, demo
 
 

@@ -10,6 +10,7 @@ validated where they are used (e.g. :func:`planetseg.search.parse_bbox`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -471,3 +472,33 @@ class DemoConfig:
             f"{TrainConfig.crop} px windows)",
         )
         _int_at_least("--steps", self.steps, 1, "give a positive number of training steps")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How ``planetseg schedule`` installs a workflow's recurring run (:mod:`planetseg.schedule`).
+
+    Attributes:
+        every: Cron expression of the run times (5 fields, or ``@daily`` and the like).
+        backend: ``auto``, ``scrontab``, ``sbatch`` or ``crontab``.
+        walltime: Time limit of each run's SLURM job, ``[D-]HH:MM:SS`` (scrontab, sbatch).
+    """
+
+    every: str
+    backend: str = "auto"
+    walltime: str = "12:00:00"
+
+    def __post_init__(self) -> None:
+        from datetime import datetime
+
+        from planetseg.schedule import BACKENDS, Cron
+
+        Cron.parse(self.every).next_after(datetime.now())  # one that never matches is refused
+        _require(self.backend in BACKENDS, "--backend", self.backend,
+                 f"use one of {', '.join(BACKENDS)}")  # fmt: skip
+        _require(
+            bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", self.walltime)),
+            "--walltime",
+            self.walltime,
+            "give [D-]HH:MM:SS, e.g. 12:00:00",
+        )

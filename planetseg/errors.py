@@ -77,6 +77,10 @@ class ClusterUnavailableError(PlanetsegError, ConnectionError):
     """A Dask scheduler address does not answer."""
 
 
+class SchedulerUnavailableError(PlanetsegError, OSError):
+    """A scheduler (SLURM, scrontab, cron) is missing, does not answer, or refused a request."""
+
+
 class CheckpointError(PlanetsegError, OSError):
     """A checkpoint or exported model is missing, damaged, or does not fit the data."""
 

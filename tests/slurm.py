@@ -98,6 +98,7 @@ class LocalSlurm:
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "MailProg=/bin/true",
+                    "ScronParameters=enable",  # scrontab (planetseg schedule)
                     "ReturnToService=2",
                     "SchedulerType=sched/backfill",
                     "SelectType=select/cons_tres",

@@ -26,6 +26,19 @@ def test_shipped_job_settings_are_valid_for_dask_jobqueue() -> None:
         assert "planetseg-worker" in script and "--nthreads 1" in script
 
 
+def test_shipped_workers_retire_before_their_walltime() -> None:
+    import dask.utils
+
+    for kind in ("slurm", "pbs"):
+        _, section = jobqueue_settings(ClusterConfig(kind=kind))
+        args = section["worker-extra-args"]
+        option = dict(zip(args[::2], args[1::2], strict=True))
+        h, m, s = (int(v) for v in section["walltime"].split(":"))
+        lifetime = dask.utils.parse_timedelta(option["--lifetime"])
+        stagger = dask.utils.parse_timedelta(option["--lifetime-stagger"])
+        assert 0 < stagger < lifetime and lifetime + stagger < h * 3600 + m * 60 + s, kind
+
+
 def test_job_settings_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="needs its job settings"):
         jobqueue_settings(ClusterConfig(kind="slurm", config_file=str(tmp_path / "none.yaml")))
