@@ -8,6 +8,7 @@ whether the run fails or not). The crontab test uses this user's real crontab an
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -327,3 +328,44 @@ def test_scrontab_install_list_remove_keeps_the_users_lines(flow: Path, slurm: A
     table = subprocess.run(["scrontab", "-l"], capture_output=True, text=True,
                            env=slurm.env, check=True).stdout  # fmt: skip
     assert table == mine
+
+
+def _wait_for_record(runs: Path, after: int, log_dir: Path, timeout: float = 180) -> dict:
+    """The run record number ``after + 1`` (in time order), once a scheduled job wrote it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = sorted(runs.glob("*.json")) if runs.exists() else []
+        if len(records) > after:
+            return json.loads(records[after].read_text())
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted(log_dir.glob("*.log")))
+    raise AssertionError(f"no run record {after + 1} within {timeout} s; job logs:\n{logs}")
+
+
+@pytest.mark.slurm
+def test_scheduled_runs_process_exactly_the_new_epoch(
+    world: dict[str, Path], tmp_path: Path, slurm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_run import _flow, _processed
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    flow = _flow(tmp_path, world, epochs=2)  # a local catalog of two synthetic epochs
+    proc = planetseg("schedule", str(flow), "--every", "* * * * *", "--backend", "sbatch")
+    assert proc.returncode == 0, proc.stderr
+    runs, logs = tmp_path / "out" / "runs", state_dir(flow)
+    try:
+        first = _wait_for_record(runs, 0, logs)
+        assert first["slurm_job_id"] and not first["errors"], first["errors"]
+        assert _processed(first) == {"ingest": 2, "segment": 2, "diff": 1, "craters": 2}
+        _flow(tmp_path, world, epochs=3)  # a third epoch arrives in the catalog
+        n, record = 1, _wait_for_record(runs, 1, logs)
+        while not any(_processed(record).values()):  # a job that started before it arrived
+            n += 1
+            record = _wait_for_record(runs, n, logs)
+        assert _processed(record) == {"ingest": 1, "segment": 1, "diff": 1, "craters": 1}
+        # The chain goes on by itself, and with nothing new it does nothing.
+        after = _wait_for_record(runs, n + 1, logs)
+        assert not any(_processed(after).values()) and not after["errors"]
+    finally:
+        assert planetseg("schedule", str(flow), "--remove").returncode == 0
+    assert _jobs(slurm) == []
