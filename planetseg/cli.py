@@ -935,6 +935,7 @@ def run_(
     overrides = {"kind": cluster, "workers": workers, "threads": threads, "jobs": jobs}
     computing = replace(flow.cluster, **{k: v for k, v in overrides.items() if v is not None})
     _cluster(computing.kind, computing.workers, computing.threads, computing.jobs)  # checks
+    flow.check_inputs()  # before anything is written
     if plan:
         items, units = plan_run(flow, retry_failed=retry_failed)
         _print_units(flow, items, units)

@@ -20,7 +20,7 @@ its stage's config refuses. Relative paths resolve against the workflow file's f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,7 @@ class Workflow:
         craters: The craters step (``out`` is the catalog in ``outputs``), or None.
         cluster: The cluster the run computes on.
         outputs: Folder of the labels store, the products and the run records.
+        lines: Line of each dotted key in the file, for messages about its values.
     """
 
     path: Path
@@ -136,6 +137,26 @@ class Workflow:
     craters: CratersConfig | None
     cluster: ClusterConfig
     outputs: Path
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def error(self, key: str, message: str) -> WorkflowError:
+        """A one-line error about ``key``'s value, naming the file and its line."""
+        return WorkflowError(f"{self.path}:{self.lines.get(key, 1)}: {key}: {message}")
+
+    def check_inputs(self) -> None:
+        """Check what the workflow reads before a run writes anything (the model, for now).
+
+        Raises:
+            WorkflowError: the segment model is missing or damaged.
+        """
+        from planetseg.export import load_model
+
+        if self.segment is None:
+            return
+        try:
+            load_model(self.segment.model)
+        except PlanetsegError as exc:
+            raise self.error("steps.segment.model", str(exc)) from exc
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -346,7 +367,10 @@ class _Reader:
             host=get(cl, "host"),
         )  # fmt: skip
         name = get(top, "name") or self.path.stem
-        return Workflow(self.path, name, search, ingest, segment, diff, craters, cluster, outputs)
+        lines = {key: node.start_mark.line + 1 for key, node in self.keys.items()}
+        return Workflow(
+            self.path, name, search, ingest, segment, diff, craters, cluster, outputs, lines
+        )
 
 
 def _search_config(**fields: Any) -> SearchConfig:

@@ -151,6 +151,7 @@ def test_an_unreadable_item_fails_alone_and_is_retried(
         ("  ingest: {{}}", "  train: {{}}", ["steps.train", "unknown key"]),
         ("outputs: out", "outputs: [1, 2]", ["outputs", "single value"]),
         ("    min_diameter: {min_diameter}", "    min_diameter: -1", ["steps.craters"]),
+        ("  diff:", "  diff:", [":11: steps.segment.model", "model"]),  # no model there
     ],
 )
 def test_a_bad_workflow_is_one_line_and_writes_nothing(
