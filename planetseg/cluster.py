@@ -184,13 +184,15 @@ def _batch_cluster(config: ClusterConfig) -> Iterator[Any]:
     scheduler = {"dashboard_address": _dashboard(config)}
     if not section.get("interface"):
         scheduler["host"] = config.host
-    # Jobs read their settings when they are created (at scale(), and again whenever a job is
-    # replaced), so the settings stay in force for the cluster's whole life.
+    # Jobs read their settings when they are created (at the start, and again whenever a job
+    # is replaced), so the settings stay in force for the cluster's whole life. Adaptive with
+    # minimum = maximum keeps --jobs jobs: a worker that retires at its --lifetime (before the
+    # walltime, see cluster/slurm.yaml) is replaced by a new job instead of leaving a hole.
     with (
         dask.config.set({f"jobqueue.{config.kind}.{k}": v for k, v in section.items()}),
         cls(scheduler_options=scheduler, silence_logs=logging.ERROR) as cluster,
     ):
-        cluster.scale(jobs=config.jobs)
+        cluster.adapt(minimum_jobs=config.jobs, maximum_jobs=config.jobs)
         yield cluster
 
 
