@@ -265,3 +265,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         IngestConfig(out=str(lr), resolution=1.0, resampling="average", tile=32),
     )
     return {"root": root, "hr": hr, "lr": lr, "model": run / "model", "items": w.items}
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A single-node SLURM on this machine for the session (skips where it cannot start)."""
+    from tests.slurm import LocalSlurm, missing
+
+    why = missing()
+    if why:
+        pytest.skip(why)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
+        yield slurm

@@ -174,7 +174,7 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
 
 
 COMMANDS = ("catalogs", "search", "ingest", "train", "evaluate", "segment", "diff", "craters",
-            "synth", "demo")  # fmt: skip
+            "info", "run", "schedule", "synth", "demo")  # fmt: skip
 
 
 @pytest.mark.parametrize("command", [(), *((c,) for c in COMMANDS)])

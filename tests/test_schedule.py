@@ -219,17 +219,6 @@ def test_crontab_install_replace_list_remove_keeps_the_users_lines(
 # ----------------------------------------------------------------------------- SLURM
 
 
-@pytest.fixture(scope="module")
-def local_slurm(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.slurm import LocalSlurm, missing
-
-    why = missing()
-    if why:
-        pytest.skip(why)
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
-        yield slurm
-
-
 @pytest.fixture
 def slurm(local_slurm: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv("SLURM_CONF", str(local_slurm.conf))

@@ -318,17 +318,6 @@ def test_changed_model_weights_are_refused_by_workers(world: dict[str, Path]) ->
         worker_model(str(world["model"]), "sha256:" + "0" * 64)
 
 
-@pytest.fixture(scope="module")
-def local_slurm(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.slurm import LocalSlurm, missing
-
-    why = missing()
-    if why:
-        pytest.skip(why)
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
-        yield slurm
-
-
 @pytest.mark.slurm
 def test_slurm_jobs_equal_the_local_result(
     world: dict[str, Path], reference: Path, local_slurm: Any, tmp_path: Path
