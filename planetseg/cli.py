@@ -983,6 +983,12 @@ def _print_run(flow: Any, result: Any) -> None:
         out.print("nothing new: every unit was already done with the current settings")
     for e in result.errors:
         out.print(f"  {e['status']}: {e['step']} {e['unit']}: {e['error']}", highlight=False)
+    for e in result.held:
+        out.print(
+            f"  quarantined earlier, not retried (--retry-failed retries it): {e['step']} "
+            f"{e['unit']}: {e['error']}",
+            highlight=False,
+        )
     out.print(f"record -> {result.record}")
 
 

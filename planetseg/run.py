@@ -251,6 +251,7 @@ class RunResult:
     counts: dict[str, dict[str, int]]
     errors: list[dict[str, str]]
     planned: list[Unit]
+    held: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -350,6 +351,17 @@ class _Run:
     errors: list[dict[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     done_units: dict[str, list[str]] = field(default_factory=dict)
+    held: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, step: str, units: list[Unit]) -> None:
+        """Count the units with nothing to do; report those quarantined earlier."""
+        for unit in units:
+            row = self.ledger.get(unit.step, unit.unit)
+            if row is not None and row["status"] == "quarantined":
+                self.count(step, "quarantined")
+                self.held.append({"step": step, "unit": unit.unit, "error": row["error"]})
+            else:
+                self.count(step, "skipped")
 
     def count(self, step: str, what: str, n: int = 1) -> None:
         c = self.counts.setdefault(
@@ -431,7 +443,7 @@ def run_workflow(
             ledger.close()
             record = runs / f"{run_id}.json"
             _write_record(record, flow, state, planned, lock, started)
-    return RunResult(run_id, record, state.counts, state.errors, planned)
+    return RunResult(run_id, record, state.counts, state.errors, planned, state.held)
 
 
 @contextlib.contextmanager
@@ -464,8 +476,7 @@ def _execute(state: _Run, say: Callable[[str], None]) -> list[Unit]:
         units = _time_units(flow, state.ledger, cube, state.retry)[step]
         planned += units
         todo = [u for u in units if u.reason]
-        if units:
-            state.count(step, "skipped", len(units) - len(todo))
+        state.skip(step, [u for u in units if not u.reason])
         if not todo:
             continue
         say(f"{step}: {len(todo)} to do ({_reasons(todo)})")
@@ -505,7 +516,7 @@ def _run_ingest(state: _Run, units: list[Unit], found: Any, say: Callable[[str],
 
     flow = state.flow
     todo = [u for u in units if u.reason]
-    state.count("ingest", "skipped", len(units) - len(todo))
+    state.skip("ingest", [u for u in units if not u.reason])
     if not todo:
         return
     say(f"ingest: {len(todo)} item(s) to do ({_reasons(todo)})")
@@ -620,6 +631,7 @@ def _write_record(
         "counts": state.counts,
         "processed": state.done_units,
         "errors": state.errors,
+        "quarantined": state.held,
         "units": [
             {"step": u.step, "unit": u.unit, "fingerprint": u.fingerprint, "reason": u.reason}
             for u in planned

@@ -138,9 +138,19 @@ def test_an_unreadable_item_fails_alone_and_is_retried(
     record = _record(proc.stdout)
     assert record["counts"]["ingest"]["processed"] == 1
     assert [e["unit"] for e in record["errors"]] == [items[1]["id"]]
-    # Repaired catalog: the next run ingests exactly the failed item.
-    _flow(tmp_path, world, epochs=2)
+    # Retried on every run; the third failure quarantines it, and later runs report it.
+    for status in ("failed", "quarantined"):  # the second and third attempts
+        proc = planetseg("run", str(flow))
+        assert proc.returncode == 1
+        assert _record(proc.stdout)["errors"][0]["status"] == status
     proc = planetseg("run", str(flow))
+    assert proc.returncode == 0, proc.stderr
+    assert "quarantined earlier, not retried" in " ".join(proc.stdout.split())
+    assert _record(proc.stdout)["counts"]["ingest"]["quarantined"] == 1
+    # Repaired catalog: --retry-failed ingests exactly the quarantined item.
+    _flow(tmp_path, world, epochs=2)
+    assert "failed" in planetseg("run", str(flow), "--plan", "--retry-failed").stdout
+    proc = planetseg("run", str(flow), "--retry-failed")
     assert proc.returncode == 0, proc.stderr
     assert _processed(_record(proc.stdout))["ingest"] == 1
 
