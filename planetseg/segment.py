@@ -25,6 +25,7 @@ grid refined by the model's ``scale``. Like ``ingest``, the stage plans first an
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -408,6 +409,17 @@ def worker_model(path: str, digest: str) -> tuple[Any, dict[str, Any]]:
         return _MODELS[digest]
 
 
+@functools.cache
+def _cube_guard(cube: str) -> ChunkGuard:
+    """The chunk guard of a cube, built once per worker process rather than once per task.
+
+    What it checks comes from the cube's attributes, which do not change once it is written.
+    """
+    import zarr
+
+    return ChunkGuard.of(cube, dict(zarr.open_group(cube, mode="r").attrs))
+
+
 def task_marker(index: int) -> str:
     """Name of the marker a finished task leaves in the progress folder."""
     return f"task-{index}"
@@ -421,7 +433,6 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     touches the task's marker.
     """
     import torch
-    import zarr
 
     from planetseg.evaluate import predict_logits
 
@@ -435,8 +446,9 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     ya, yb = max(y0 - halo, 0), min(y1 + halo, h)
     xa, xb = max(x0 - halo, 0), min(x1 + halo, w)
     # The chunks read are checked (a stat each): a lost one is an error, not zeros.
-    guard = ChunkGuard.of(plan.cube, dict(zarr.open_group(plan.cube, mode="r").attrs))
-    region = guard.read("image", (plan.times[t_pos], slice(None), slice(ya, yb), slice(xa, xb)))
+    region = _cube_guard(plan.cube).read(
+        "image", (plan.times[t_pos], slice(None), slice(ya, yb), slice(xa, xb))
+    )
     window = torch.from_numpy(np.asarray(region, dtype=np.float32)[None])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)

@@ -197,17 +197,18 @@ class ChunkGuard:
         store = Path(store)
         return cls(str(store), bool(attrs.get(EVERY_CHUNK)), _repair_hint(store, attrs))
 
-    def check(self, name: str, selection: Selection = ()) -> None:
-        """Stat the chunks of array ``name`` that ``selection`` touches.
+    def check(self, name: str, selection: Selection = (), array: Any = None) -> None:
+        """Stat the chunks of array ``name`` (opened here unless given) that ``selection`` touches.
 
         Raises:
             StoreCorruptError: one is missing.
         """
         if not self.every_chunk:
             return
-        import zarr
+        if array is None:
+            import zarr
 
-        array = zarr.open_array(self.store, path=name, mode="r")
+            array = zarr.open_array(self.store, path=name, mode="r")
         root = Path(self.store) / name
         for key in chunk_keys(array, selection):
             if not (root / key).is_file():
@@ -224,8 +225,8 @@ class ChunkGuard:
         """
         import zarr
 
-        self.check(name, selection)
         array = zarr.open_array(self.store, path=name, mode="r")
+        self.check(name, selection, array)
         try:
             return read() if read is not None else array[selection]
         except (RuntimeError, ValueError) as exc:
@@ -253,8 +254,6 @@ def missing_chunks(store: str | Path, name: str) -> list[tuple[int, ...]]:
     A full listing, for the writers' repair and ``planetseg info --verify``; readers use
     :class:`ChunkGuard`, which costs a stat per chunk read instead.
     """
-    import os
-
     import zarr
 
     array = zarr.open_array(str(store), path=name, mode="r")
