@@ -259,13 +259,9 @@ class RunResult:
         return bool(self.errors)
 
 
-def _item_digest(item: dict[str, Any]) -> str:
-    return digest(item)
-
-
 def _time_units(flow: Workflow, ledger: Ledger, cube: Path, retry: bool) -> dict[str, list]:
     """The segment, diff and craters units of the cube's time steps."""
-    from planetseg.export import load_model
+    from planetseg.export import read_card
     from planetseg.ingest import CubePlan
     from planetseg.store import get_attr
 
@@ -275,7 +271,7 @@ def _time_units(flow: Workflow, ledger: Ledger, cube: Path, retry: bool) -> dict
     if not get_attr(cube, "planetseg:complete"):
         return units
     plan = CubePlan.from_json(get_attr(cube, "planetseg:plan"))
-    _, card = load_model(flow.segment.model)
+    card = read_card(flow.segment.model)  # its digest; segment checks the weights against it
     settings = _settings(flow.segment, "times", "cog", "model")
     seg_fp: dict[int, str] = {}
     names: dict[int, str] = {}
@@ -329,7 +325,7 @@ def _ingest_units(flow: Workflow, ledger: Ledger, items: list, retry: bool) -> l
     settings = _settings(flow.ingest)
     units = []
     for item in items:
-        fp = digest("ingest", settings, __version__, _item_digest(item))
+        fp = digest("ingest", settings, __version__, digest(item))
         row = ledger.get("ingest", item["id"])
         reason = why(row, fp, retry)
         if reason == "fingerprint" and row and row["status"] == "done":
@@ -472,8 +468,11 @@ def _execute(state: _Run, say: Callable[[str], None]) -> list[Unit]:
     cube = Path(flow.ingest.out) if flow.ingest else None
     if cube is None:
         return planned
+    # Planned once: running a step changes only its own rows, which no later step's plan reads
+    # (a product unit checks its labels when it is about to run, see _inputs_done).
+    by_step = _time_units(flow, state.ledger, cube, state.retry)
     for step in ("segment", "diff", "craters"):
-        units = _time_units(flow, state.ledger, cube, state.retry)[step]
+        units = by_step[step]
         planned += units
         todo = [u for u in units if u.reason]
         state.skip(step, [u for u in units if not u.reason])
