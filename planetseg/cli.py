@@ -55,18 +55,21 @@ def _conventional_metavars(ctx: Any, params: list[Any]) -> None:
             param.metavar = _METAVARS.get(shown) or _METAVARS.get(f"<{element}>") or shown
 
 
-class _Command(typer.core.TyperCommand):
+class _ConventionalMetavars:
+    """Mixed into typer's command and group classes: their parameters get conventional metavars."""
+
     def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
+        params = super().get_params(ctx)  # type: ignore[misc]
         _conventional_metavars(ctx, params)
         return params
 
 
-class _Group(typer.core.TyperGroup):
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        _conventional_metavars(ctx, params)
-        return params
+class _Command(_ConventionalMetavars, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_ConventionalMetavars, typer.core.TyperGroup):
+    pass
 
 
 class _App(typer.Typer):
@@ -88,6 +91,11 @@ app = _App(
 # Piped output is read by people too (logs, CI): give tables room instead of rich's 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 132)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
+
+
+def _note(message: str) -> None:
+    """One ``planetseg: ...`` line on stderr, printed as it is (no markup, no wrapping)."""
+    err.print(f"planetseg: {message}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _version(value: bool) -> None:
@@ -539,15 +547,10 @@ def train(
             model = run_train(cube, config, progress=update)
     except TrainingInterrupted as exc:
         again = ["planetseg", *sys.argv[1:], *([] if resume else ["--resume"])]
-        err.print(
-            f"planetseg: interrupted at step {exc.step}; resume with: {shlex.join(again)}",
-            highlight=False,
-            soft_wrap=True,
-            markup=False,
-        )
+        _note(f"interrupted at step {exc.step}; resume with: {shlex.join(again)}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:  # before the loop took over the signals: nothing was trained
-        err.print("planetseg: interrupted before the first step; run the same command again")
+        _note("interrupted before the first step; run the same command again")
         raise typer.Exit(130) from None
     if (distributed_env() or (0, 1))[0] != 0:
         return  # under torchrun, rank 0 speaks for the run
@@ -585,12 +588,9 @@ def _train_progress(lines: bool = False) -> Iterator[Callable[[Any], None]]:
                 return
             last = now
             parts = " ".join(f"{k} {v:.3g}" for k, v in p.losses.items() if k != "loss")
-            err.print(
-                f"planetseg: train step {p.step}/{p.steps} loss {p.losses['loss']:.4g} "
-                f"({parts}) {p.steps_per_s:.2f} steps/s",
-                highlight=False,
-                soft_wrap=True,
-                markup=False,
+            _note(
+                f"train step {p.step}/{p.steps} loss {p.losses['loss']:.4g} ({parts}) "
+                f"{p.steps_per_s:.2f} steps/s"
             )
 
         yield log
@@ -928,13 +928,14 @@ def run_(
     """Run a workflow: only what is new, changed or failed since the last run (resumable)."""
     from dataclasses import replace
 
+    from planetseg.cluster import check_kind
     from planetseg.run import plan_run, run_workflow
     from planetseg.workflow import load_workflow
 
     flow = load_workflow(workflow)
     overrides = {"kind": cluster, "workers": workers, "threads": threads, "jobs": jobs}
     computing = replace(flow.cluster, **{k: v for k, v in overrides.items() if v is not None})
-    _cluster(computing.kind, computing.workers, computing.threads, computing.jobs)  # checks
+    check_kind(computing.kind)
     flow.check_inputs()  # before anything is written
     if plan:
         items, units = plan_run(flow, retry_failed=retry_failed)
@@ -942,12 +943,9 @@ def run_(
         return
     from planetseg.cluster import dask_client
 
-    def say(message: str) -> None:
-        err.print(f"planetseg: {message}", highlight=False, soft_wrap=True, markup=False)
-
     on_dashboard = lambda url: out.print(f"Dask dashboard: {url}")  # noqa: E731
     with dask_client(computing, on_dashboard=on_dashboard) as client:
-        result = run_workflow(flow, client=client, retry_failed=retry_failed, on_progress=say)
+        result = run_workflow(flow, client=client, retry_failed=retry_failed, on_progress=_note)
     _print_run(flow, result)
     if result.failed:
         raise typer.Exit(1)
@@ -1149,7 +1147,7 @@ def demo(
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     if issubclass(category, PlanetsegWarning):
-        err.print(f"planetseg: warning: {message}", highlight=False, soft_wrap=True, markup=False)
+        _note(f"warning: {message}")
     else:
         _default_showwarning(message, category, *args, **kwargs)
 
@@ -1163,7 +1161,7 @@ def main() -> None:
     try:
         app()
     except PlanetsegError as exc:
-        err.print(f"planetseg: error: {exc}", highlight=False, soft_wrap=True, markup=False)
+        _note(f"error: {exc}")
         sys.exit(exc.exit_code)
 
 
