@@ -345,7 +345,7 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
                 item_files.append(path)
         if item_files:
             for path in item_files:
-                yield from _read_local_items(path)
+                yield from read_items(path)  # relative hrefs resolved against the file
             return
         # No STAC metadata: the GeoTIFFs themselves are the catalog (an LROC download, say).
         # Where metadata exists the GeoTIFFs beside it are its assets, not items.
@@ -363,11 +363,7 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
     ):
         yield from _walk_static(root, collections, set())
         return
-    yield from _read_local_items(root)
-
-
-def _read_local_items(path: Path) -> Iterator[Item]:
-    yield from read_items(path)  # relative hrefs resolved against the file
+    yield from read_items(root)
 
 
 def _peek(path: Path) -> dict[str, Any]:

@@ -119,12 +119,10 @@ def train(cube: str | Path, config: TrainConfig, progress: Progress | None = Non
             f"{run} already holds a run: pass --resume to continue it, or choose another --out"
         )
     create_owned_dir(run, "train")
-    if torchrun:
+    if torchrun or config.nproc == 1:  # this process is one rank: torchrun's, or the only one
+        rank, world = torchrun or (0, 1)
         with _stop_on_signals() as stop:
-            _worker(torchrun[0], torchrun[1], str(cube), config, None, progress, stop)
-    elif config.nproc == 1:
-        with _stop_on_signals() as stop:
-            _worker(0, 1, str(cube), config, None, progress, stop)
+            _worker(rank, world, str(cube), config, None, progress, stop)
     else:
         _run_ranks(str(cube), config, progress)
     return run / "model"
