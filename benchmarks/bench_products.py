@@ -1,16 +1,17 @@
 """Products against the synthetic world's exact truth: change detection and crater catalogs.
 
-Runs on the output of ``planetseg demo`` (its labels store from ``segment``, the change
-folders and the crater catalog) and scores them against the truth of the world they were made
-from: the demo's *unseen* world (``unseen-world/``: another seed, other suns than the world the
-model was trained on), so the figures are those of a model on new ground. It scores:
+Runs on the output of ``planetseg demo`` (the products of its workflow run: a labels store per
+time step, the change folders and a crater catalog per time step) and scores them against the
+truth of the world they were made from: the demo's *unseen* world (``unseen-world/``: another
+seed, other suns than the world the model was trained on), so the figures are those of a model
+on new ground. It scores:
 
 1. the change mask of epoch 0 -> 1 (only the sun angle differs: every flagged pixel is a false
    change) and 0 -> 2 (new craters), pixel precision / recall / F1 against the true label
    rasters' own change, for several confidence / minimum-area filters;
 2. new craters: change regions that turn into a crater class, matched one to one to the
    craters the world added in epoch 2 (DeepMoon criteria), precision / recall / F1;
-3. the crater catalog's scores per size bin (``craters.scores.json``).
+3. each time step's crater catalog's scores per size bin (``products/craters/*.scores.json``).
 
     planetseg demo --out demo-out && python benchmarks/bench_products.py demo-out
 """
@@ -78,8 +79,8 @@ def new_craters(change: Path, store: LabelsStore, catalog: pd.DataFrame) -> dict
 
     with celestial_proj():
         polys = gpd.read_parquet(change / "changes.parquet")
-    crater = polys["to_class"].str.contains("crater") & ~polys["from_class"].str.contains("crater")
-    found = polys[crater]
+    to, was = polys["to_class"].astype(str), polys["from_class"].astype(str)
+    found = polys[to.str.contains("crater") & ~was.str.contains("crater")]
     if found.empty:
         det = pd.DataFrame({"lon": [], "lat": [], "diameter_km": []})
     else:
@@ -107,7 +108,13 @@ def main() -> None:
     demo, world = args.demo, args.demo / "unseen-world"
     if not (world / "items.ndjson").exists():
         sys.exit(f"{world} is missing: run this on the output of the current `planetseg demo`")
-    store = LabelsStore.open(demo / "labels.zarr")
+    products = demo / "products"
+    stores = sorted((products / "labels").glob("*.zarr"))
+    if len(stores) != 3:
+        sys.exit(
+            f"{products / 'labels'} must hold the 3 time steps of the current `planetseg demo`"
+        )
+    store = LabelsStore.open(stores[0])
     catalog = pd.read_csv(world / "craters.csv")
     t0 = truth(world, 0)
     print(f"labels {store.path} (model {store.attrs.get('planetseg:model', '')[:19]}...)")
@@ -122,9 +129,14 @@ def main() -> None:
         for conf, area in settings:
             folder = scratch / f"{after}-{conf}-{area}"
             cfg = DiffConfig(
-                out=str(folder), before="0", after=str(after), min_confidence=conf, min_area_m2=area
+                out=str(folder),
+                before="0",
+                after="0",
+                other=str(stores[after]),
+                min_confidence=conf,
+                min_area_m2=area,
             )
-            diff(demo / "labels.zarr", cfg)
+            diff(stores[0], cfg)
             with rasterio.open(folder / "mask.tif") as src:
                 flagged = src.read(1).astype(bool)
             s = prf(flagged, real)
@@ -137,28 +149,29 @@ def main() -> None:
     print(
         "\n2. new craters of epoch 2 (change regions turning into a crater class), DeepMoon match"
     )
-    print("   (the demo's change-0-2 folder: confidence >= 0.7, area >= 2 m2)")
-    s = new_craters(demo / "change-0-2", store, catalog)
+    print("   (the demo's change folder 0 -> 2: confidence >= 0.7, area >= 2 m2)")
+    [change] = (products / "change").glob("0000-*--0002-*")
+    s = new_craters(change, store, catalog)
     print(
         f"  true {s['true']}, found {s['flagged']}: precision {fmt(s['precision'])}, "
         f"recall {fmt(s['recall'])}, F1 {fmt(s['f1'])}"
     )
-    print("\n3. crater catalog vs the unseen world's catalog (every epoch), DeepMoon criteria")
-    scores = json.loads((demo / "craters.scores.json").read_text())
-    print(
-        f"{'size':10s}{'ref':>7s}{'found':>7s}{'P':>7s}{'R':>7s}{'F1':>7s}{'dD/D':>7s}{'dx/R':>7s}"
-    )
-    for name, b in [*scores["bins"].items(), ("all", scores["all"])]:
-        dd = "-" if b["median_diameter_error"] is None else f"{b['median_diameter_error']:.2f}"
-        dx = (
-            "-"
-            if b["median_position_error_radii"] is None
-            else f"{b['median_position_error_radii']:.2f}"
-        )
+    print("\n3. crater catalog of each time step vs the unseen world's catalog, DeepMoon criteria")
+    for path in sorted((products / "craters").glob("*.scores.json")):
+        scores = json.loads(path.read_text())
+        print(f"{path.name.split('.')[0]}:")
         print(
-            f"{name:10s}{b['reference']:>7d}{b['detected']:>7d}{fmt(b['precision']):>7s}"
-            f"{fmt(b['recall']):>7s}{fmt(b['f1']):>7s}{dd:>7s}{dx:>7s}"
+            f"{'size':10s}{'ref':>7s}{'found':>7s}{'P':>7s}{'R':>7s}{'F1':>7s}"
+            f"{'dD/D':>7s}{'dx/R':>7s}"
         )
+        for name, b in [*scores["bins"].items(), ("all", scores["all"])]:
+            dd = "-" if b["median_diameter_error"] is None else f"{b['median_diameter_error']:.2f}"
+            dx = b["median_position_error_radii"]
+            dx = "-" if dx is None else f"{dx:.2f}"
+            print(
+                f"{name:10s}{b['reference']:>7d}{b['detected']:>7d}{fmt(b['precision']):>7s}"
+                f"{fmt(b['recall']):>7s}{fmt(b['f1']):>7s}{dd:>7s}{dx:>7s}"
+            )
     grid_m = scores["pixel_km"] * 1000
     print(f"(size bins: diameter in pixels of the {grid_m:.2f} m segmentation grid)")
 

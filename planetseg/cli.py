@@ -941,11 +941,10 @@ def run_(
         items, units = plan_run(flow, retry_failed=retry_failed)
         _print_units(flow, items, units)
         return
-    from planetseg.cluster import dask_client
-
-    on_dashboard = lambda url: out.print(f"Dask dashboard: {url}")  # noqa: E731
-    with dask_client(computing, on_dashboard=on_dashboard) as client:
-        result = run_workflow(flow, client=client, retry_failed=retry_failed, on_progress=_note)
+    with _computing("tiles", computing) as (client, update):
+        result = run_workflow(
+            flow, client=client, retry_failed=retry_failed, on_progress=_note, progress=update
+        )
     _print_run(flow, result)
     if result.failed:
         raise typer.Exit(1)
@@ -1105,6 +1104,7 @@ def demo(
             client=client,
             progress=update,
             train_progress=train_update,
+            on_progress=_note,
         )
     world, cube, unseen = result.world, result.cube, result.unseen
     trained_on = describe_world(result.world_config)
@@ -1127,19 +1127,24 @@ def demo(
         f"[bold]synth[/bold]  {unseen.body} {scored_on}, {len(unseen.item_ids)} epochs -> "
         f"{unseen.root}; every figure below is on it"
     )
-    _print_ingest(result.lr_cube)
-    labels = result.labels
+    flow = result.workflow
     out.print(
-        f"[bold]segment[/bold] {labels.store}: {labels.computed} tiles segmented, "
-        f"{labels.kept} kept; COGs in {labels.cogs[0].parent if labels.cogs else '-'}"
+        f"[bold]run[/bold]    workflow {flow.path} with root {Path(config.out)}: "
+        f"{', '.join(flow.steps)} -> {flow.outputs}",
+        soft_wrap=True,
     )
-    out.print(f"        against the true labels, whole scenes, scored on {scored_on}:")
+    _print_run(flow, result.run)
+    out.print(
+        f"[bold]segment[/bold] {len(result.labels)} time steps -> {result.labels[0].parent}; "
+        f"against the true labels, whole scenes, scored on {scored_on}:"
+    )
     _print_scores(result.segment_scores)
     for change in result.changes:
         _print_diff(change)
         out.print(f"        on {scored_on}")
-    _print_craters(result.craters)
-    out.print(f"        scored on {scored_on}")
+    for catalog in result.craters:
+        _print_craters(catalog)
+        out.print(f"        scored on {scored_on}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -216,6 +216,28 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     return CratersResult(table, out, scores, files, config.reference)
 
 
+def read_craters(out: str | Path) -> CratersResult:
+    """The result of an earlier :func:`craters`: its catalog and, if it was scored, its scores.
+
+    Raises:
+        CatalogReadError: ``out`` is not a catalog planetseg craters wrote.
+    """
+    from planetseg.errors import CatalogReadError
+    from planetseg.items import read_items
+
+    out = Path(out)
+    scores_path, items = _companions(out)
+    if not _written_by_craters(out, out):
+        raise CatalogReadError(f"{out} is not a crater catalog of planetseg craters")
+    [item] = read_items(items)
+    table = pd.read_csv(out) if out.suffix.lower() == ".csv" else pd.read_parquet(out)
+    table = table.drop(columns="geometry", errors="ignore")
+    scored = "scores" in item["assets"]
+    scores = json.loads(scores_path.read_text()) if scored else None
+    files = (out, scores_path, items) if scored else (out, items)
+    return CratersResult(table, out, scores, files, item["properties"].get("planetseg:reference"))
+
+
 def _companions(out: Path) -> tuple[Path, Path]:
     """The files written beside the catalog: its scores and its STAC item."""
     return out.with_name(out.stem + ".scores.json"), out.with_name(out.stem + ".items.ndjson")
@@ -455,6 +477,7 @@ def _catalog_item(
             "planetseg:crater_classes": sorted(values.values()),
             "planetseg:count": len(table),
             "planetseg:min_diameter_px": config.min_diameter_px,
+            "planetseg:reference": config.reference,
         },
         "links": [],
         "assets": {

@@ -1,43 +1,40 @@
 """The main offline job: the whole pipeline on the embedded synthetic world, no network.
 
-Each stage is the library function the CLI also calls; the demo only chains them and says where
-the outputs are. The model trains on one world (seed S) and every product figure (segmentation
-scores, changes, craters) is measured on another it has never seen: seed S + 1, under other
-suns (:data:`UNSEEN_EPOCHS`), as ``benchmarks/bench_ablation.py`` scores the ablation.
+The training half chains the library functions the CLI also calls (synth, search, ingest,
+train, evaluate); the products half is a workflow run (``planetseg run``) of the shipped
+``workflows/demo.yaml`` with its root in the demo's folder. The model trains on one world
+(seed S) and every product figure (segmentation scores, changes, craters) is measured on
+another it has never seen: seed S + 1, under other suns (:data:`UNSEEN_EPOCHS`), as
+``benchmarks/bench_ablation.py`` scores the ablation.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from planetseg.config import (
-    CratersConfig,
-    DemoConfig,
-    DiffConfig,
-    IngestConfig,
-    SearchConfig,
-    SegmentConfig,
-    TrainConfig,
-)
-from planetseg.craters import CratersResult, craters
-from planetseg.diff import DiffResult, diff
+from planetseg.config import DemoConfig, IngestConfig, SearchConfig, TrainConfig
+from planetseg.craters import CratersResult, read_craters
+from planetseg.diff import DiffResult, read_diff
+from planetseg.errors import PlanetsegError
 from planetseg.evaluate import evaluate
 from planetseg.ingest import IngestResult, Progress, ingest
 from planetseg.items import write_items
 from planetseg.metrics import confusion_matrix, scores
+from planetseg.products import LabelsStore
+from planetseg.run import RunResult, output_of, run_workflow
 from planetseg.search import SearchResult, search
-from planetseg.segment import SegmentResult, segment
 from planetseg.store import create_owned_dir, prepare_output
 from planetseg.synthetic import EpochSpec, SynthConfig, SynthWorld, synthesize
 from planetseg.train import Progress as TrainProgress
 from planetseg.train import train
+from planetseg.workflow import Workflow, load_workflow, shipped_workflow
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +68,12 @@ class DemoResult:
         scores: The model's scores on the strip of the cube held out from training.
         unseen: The world the products are made and scored on, never seen in training.
         unseen_config: What it was made from (another seed, other suns).
-        lr_cube: The unseen world's scenes at the model's input resolution (x scale coarser).
-        labels: The segmentation of ``lr_cube`` (labels on the unseen world's own grid).
+        workflow: The workflow that made the products (``workflows/demo.yaml``, root ``out``).
+        run: What its run did (nothing, when an earlier demo made every product already).
+        labels: The labels store of each time step (on the unseen world's own grid).
         segment_scores: ``labels`` against the unseen world's true labels, whole scenes.
         changes: Change products: epoch 0 -> 1 (only the sun moved) and 0 -> 2 (new craters).
-        craters: The crater catalog of every epoch, scored against the unseen world's catalog.
+        craters: The crater catalog of each time step, scored against the unseen world's.
     """
 
     world: SynthWorld
@@ -87,11 +85,12 @@ class DemoResult:
     scores: dict[str, Any]
     unseen: SynthWorld
     unseen_config: SynthConfig
-    lr_cube: IngestResult
-    labels: SegmentResult
+    workflow: Workflow
+    run: RunResult
+    labels: tuple[Path, ...]
     segment_scores: dict[str, Any]
     changes: tuple[DiffResult, ...]
-    craters: CratersResult
+    craters: tuple[CratersResult, ...]
 
 
 def run_demo(
@@ -103,6 +102,7 @@ def run_demo(
     client: Any = None,
     progress: Progress | None = None,
     train_progress: TrainProgress | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the pipeline offline on synthetic worlds under ``out_dir``.
 
@@ -112,16 +112,18 @@ def run_demo(
     rasters), then trains the DSRL network on the cube (``out_dir/run/``, exported model in
     ``out_dir/run/model``) and scores it on the held-out strip. Then it does what a user does
     with a model, on a world the model has not seen (``out_dir/unseen-world/``: seed
-    ``seed + 1``, the suns of :data:`UNSEEN_EPOCHS`): finds its scenes, ingests them at the
-    model's input resolution (``out_dir/lr.zarr``, pixels averaged ``scale`` x ``scale``),
-    segments them on the cluster (``out_dir/labels.zarr``, back on the world's grid, COGs in
-    ``out_dir/cogs``) and scores that against the world's true labels. Finally the products
-    of that world: change maps from epoch 0 to 1 (only the sun moved: ideally no change) and
-    0 to 2 (new craters) in ``out_dir/change-0-1`` and ``change-0-2``, and the crater catalog
-    ``out_dir/craters.parquet`` scored against the unseen world's own catalog.
+    ``seed + 1``, the suns of :data:`UNSEEN_EPOCHS`), as a workflow run: the shipped
+    ``workflows/demo.yaml`` with its root at ``out_dir`` finds the world's scenes, ingests them
+    at the model's input resolution (``out_dir/lr.zarr``, pixels averaged ``scale`` x
+    ``scale``), segments each time step on the cluster (``out_dir/products/labels/``, back on
+    the world's grid, COGs in ``products/cogs/``), compares every epoch with the first
+    (``products/change/``: 0 -> 1, where only the sun moved, ideally no change, and 0 -> 2,
+    new craters) and catalogs each epoch's craters (``products/craters/``) against the unseen
+    world's own catalog. The labels are then scored against the world's true labels.
     Re-running is cheap: the worlds are rewritten byte for byte, complete stores are left as
-    they are, and a finished training run is reused (interrupted ones resume). ``out_dir``
-    must be new, empty or an earlier demo's: a folder holding anything else is refused.
+    they are, a finished training run is reused (interrupted ones resume) and the workflow
+    run does only what is missing. ``out_dir`` must be new, empty or an earlier demo's: a
+    folder holding anything else is refused.
 
     Args:
         out_dir: Where everything goes.
@@ -129,12 +131,14 @@ def run_demo(
         size: Scene size in pixels (of both worlds).
         steps: Training steps (batch 8 of 128 px windows; about a second each on 2 cores).
         client: Dask client to compute on (None: threads in this process).
-        progress: Tile progress callback for the ingest.
+        progress: Tile progress callback of ingest and segment.
         train_progress: Step progress callback of training (see :func:`planetseg.train.train`).
+        on_progress: Called with a line on what each workflow step is about to do.
 
     Raises:
         InvalidArgumentError: a bad seed, size or step count (see
             :class:`~planetseg.config.DemoConfig`), before anything is written.
+        PlanetsegError: a unit of the workflow run failed (its first error).
     """
     DemoConfig(out=str(out_dir), seed=seed, size=size, steps=steps)  # before writing anything
     out = Path(out_dir)
@@ -156,61 +160,35 @@ def run_demo(
     model = run / "model"
     if not (model / "model.json").exists():
         resume = (run / "checkpoint.pt").exists()
-        # The demo's low-resolution scenes are made below by averaging 2 x 2 pixels, so the
+        # The demo's low-resolution scenes are made by averaging 2 x 2 pixels, so the
         # training degradation is the same box average without a PSF (psf_sigma 0). With the
         # default PSF the model meets sharper input than it learnt from: measured on the training
         # world's segmented scenes, mIoU 48.1 instead of 56.0, new-crater F1 25 instead of 75.
         config = TrainConfig(out=str(run), steps=steps, threads=2, psf_sigma=0.0, resume=resume)
         train(cube.store, config, progress=train_progress)
     scores = evaluate(model, cube.store, region="val")
-    train_config = TrainConfig(out=str(run), psf_sigma=0.0)
     # Everything from here on is on a world the model has never seen: another seed (terrain
     # and craters), other suns.
     unseen_config = SynthConfig(seed=seed + 1, size=size, epochs=UNSEEN_EPOCHS)
     unseen = synthesize(out / "unseen-world", config=unseen_config)
     logger.info("unseen world written to %s", unseen.root)
-    scenes = search(SearchConfig(catalog=str(unseen.root), collections=(unseen.collection_id,)))
-    lr_cube = ingest(
-        scenes.items,
-        IngestConfig(
-            out=str(out / "lr.zarr"),
-            resolution=abs(cube.plan.transform[0]) * train_config.scale,
-            resampling="average",
-            tile=256,
-        ),
-        client=client,
-        progress=progress,
-        provenance=scenes.provenance(),
-    )
-    labels = segment(
-        lr_cube.store,
-        SegmentConfig(out=str(out / "labels.zarr"), model=str(model), cog=str(out / "cogs")),
-        client=client,
-        progress=progress,
-    )
-    truth = _score_labels(labels.store, unseen.labels)
-    # Products: changes are kept where both epochs are at least 70 % sure, in regions of at
-    # least 2 m^2 (8 pixels of 0.25 m^2): single-pixel flicker is not a change.
-    changes = tuple(
-        diff(
-            labels.store,
-            DiffConfig(
-                out=str(out / f"change-0-{after}"),
-                before="0",
-                after=str(after),
-                min_confidence=0.7,
-                min_area_m2=2.0,
-                overwrite=True,  # the demo's own folder: re-running replaces its products
-            ),
+    flow = load_workflow(shipped_workflow("demo"), root=out)
+    lr = abs(cube.plan.transform[0]) * TrainConfig(out=str(run)).scale
+    if flow.ingest is None or flow.ingest.resolution != lr:
+        raise PlanetsegError(
+            f"{flow.path}: cube.resolution must be {lr:g}, the model's input resolution"
         )
-        for after in (1, 2)
-    )
-    catalog = craters(
-        labels.store,
-        CratersConfig(
-            out=str(out / "craters.parquet"), reference=str(unseen.craters), overwrite=True
-        ),
-    )
+    result = run_workflow(flow, client=client, on_progress=on_progress, progress=progress)
+    if result.failed:
+        first = result.errors[0]
+        raise PlanetsegError(
+            f"the demo workflow failed: {first['step']} {first['unit']}: {first['error']}"
+        )
+
+    def outputs(step: str) -> list[Path]:
+        return [output_of(flow, step, u.unit) for u in result.planned if u.step == step]
+
+    labels = tuple(outputs("segment"))
     return DemoResult(
         world,
         world_config,
@@ -221,28 +199,24 @@ def run_demo(
         scores,
         unseen,
         unseen_config,
-        lr_cube,
+        flow,
+        result,
         labels,
-        truth,
-        changes,
-        catalog,
+        _score_labels(labels, unseen.labels),
+        tuple(read_diff(path) for path in outputs("diff")),
+        tuple(read_craters(path) for path in outputs("craters")),
     )
 
 
-def _score_labels(labels: Path, truth: tuple[Path, ...]) -> dict[str, Any]:
-    """Scores of a labels store against true label rasters (one per time step), whole scenes."""
+def _score_labels(labels: tuple[Path, ...], truth: tuple[Path, ...]) -> dict[str, Any]:
+    """Scores of labels stores (one per time step) against the true label rasters, whole scenes."""
     import rasterio
-    import zarr
 
-    pred = zarr.open_array(str(labels), path="labels", mode="r")
-    classes = {
-        int(k): v
-        for k, v in json.loads(zarr.open_group(str(labels)).attrs["planetseg:classes"]).items()
-    }
-    n = max(classes) + 1
+    first = LabelsStore.open(labels[0])
+    n = max(first.classes) + 1
     cm = np.zeros((n, n), np.int64)
-    for t, path in enumerate(truth):
+    for store, path in zip(labels, truth, strict=True):
         with rasterio.open(path) as src:
             expected = src.read(1)
-        cm += confusion_matrix(expected, pred[t], n)
-    return scores(cm, classes)
+        cm += confusion_matrix(expected, LabelsStore.open(store).read(0), n)
+    return scores(cm, first.classes)

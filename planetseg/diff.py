@@ -227,6 +227,28 @@ def diff(store: str | Path, config: DiffConfig) -> DiffResult:
     )
 
 
+def read_diff(folder: str | Path) -> DiffResult:
+    """The result of an earlier :func:`diff`, from the STAC item in its folder.
+
+    Raises:
+        CatalogReadError: ``folder`` is not a change folder diff wrote.
+    """
+    from planetseg.errors import CatalogReadError
+    from planetseg.items import read_items
+
+    out = Path(folder)
+    try:
+        [item] = read_items(out / "items.ndjson")
+        props = item["properties"]
+        when = (props["planetseg:before"], props["planetseg:after"])
+        counts = (props["planetseg:changed_pixels"], props["planetseg:changed_km2"])
+        table = props["planetseg:transitions"]
+    except (CatalogReadError, KeyError, ValueError) as exc:
+        raise CatalogReadError(f"{out} is not a change folder of planetseg diff") from exc
+    files = tuple(out / Path(a["href"]).name for a in item["assets"].values())
+    return DiffResult(out, *when, int(counts[0]), float(counts[1]), table, files)
+
+
 def _write_outputs(
     folder: Path,
     first: LabelsStore,
@@ -317,6 +339,9 @@ def _write_outputs(
             "planetseg:labels": sorted({str(first.path.resolve()), str(second.path.resolve())}),
             "planetseg:min_confidence": config.min_confidence,
             "planetseg:min_area_m2": config.min_area_m2,
+            "planetseg:before": when0,
+            "planetseg:after": when1,
+            "planetseg:changed_pixels": int(changed.sum()),
             "planetseg:changed_km2": float(area[changed].sum()),
             "planetseg:transitions": table,
         },

@@ -343,6 +343,7 @@ class _Run:
     ledger: Ledger
     client: Any
     retry: bool
+    progress: Callable[[int, int], None] | None = None
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -414,8 +415,16 @@ def run_workflow(
     client: Any = None,
     retry_failed: bool = False,
     on_progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Run the workflow's steps in order, doing only what the ledger says is missing.
+
+    Args:
+        flow: The workflow.
+        client: Dask client to compute on (None: threads in this process).
+        retry_failed: Retry quarantined units now.
+        on_progress: Called with a line on what each step is about to do.
+        progress: Tile progress of ingest and segment (``(done, total)``, as theirs).
 
     Raises:
         RunLockedError: another run of the workflow is alive.
@@ -429,7 +438,7 @@ def run_workflow(
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
     with run_lock(flow.outputs / "run.lock") as lock:
         ledger = Ledger(flow.outputs / "ledger.sqlite")
-        state = _Run(flow, ledger, client, retry_failed)
+        state = _Run(flow, ledger, client, retry_failed, progress)
         started = time.time()
         planned: list[Unit] = []
         try:
@@ -546,7 +555,13 @@ def _run_ingest(state: _Run, units: list[Unit], found: Any, say: Callable[[str],
     done_ids = {u.unit for u in units if not u.reason}
     items = [it for it in found.items if it["id"] in done_ids] + [u.args["item"] for u in good]
     try:
-        ingest(items, flow.ingest, client=state.client, provenance=found.provenance())
+        ingest(
+            items,
+            flow.ingest,
+            client=state.client,
+            progress=state.progress,
+            provenance=found.provenance(),
+        )
     except PlanetsegError as exc:
         for unit in good:
             state.fail(unit, exc)
@@ -555,8 +570,22 @@ def _run_ingest(state: _Run, units: list[Unit], found: Any, say: Callable[[str],
         state.ok(unit)
 
 
+#: Where each step's units write, under the workflow's outputs: folder and suffix.
+OUTPUTS = {
+    "segment": ("labels", ".zarr"),
+    "diff": ("change", ""),
+    "craters": ("craters", ".parquet"),
+}
+
+
+def output_of(flow: Workflow, step: str, unit: str) -> Path:
+    """The output of ``unit`` of ``step`` (a labels store, a change folder or a catalog)."""
+    folder, suffix = OUTPUTS[step]
+    return flow.outputs / folder / f"{unit}{suffix}"
+
+
 def _labels_store(flow: Workflow, name: str) -> Path:
-    return flow.outputs / "labels" / f"{name}.zarr"
+    return output_of(flow, "segment", name)
 
 
 def _run_segment(state: _Run, unit: Unit, cube: Path) -> None:
@@ -564,15 +593,15 @@ def _run_segment(state: _Run, unit: Unit, cube: Path) -> None:
     from planetseg.store import create_owned_dir, owner, remove_owned
 
     flow = state.flow
-    create_owned_dir(flow.outputs / "labels", "run")
     store = _labels_store(flow, unit.unit)
+    create_owned_dir(store.parent, "run")
     if unit.reason == "fingerprint" and owner(store) == "segment":
         remove_owned(store, "segment")  # another model or settings: segment anew
     cog = None
     if flow.segment.cog:
         cog = str(flow.outputs / "cogs" / unit.unit)
     config = replace(flow.segment, out=str(store), times=(str(unit.args["index"]),), cog=cog)
-    segment(cube, config, client=state.client)
+    segment(cube, config, client=state.client, progress=state.progress)
 
 
 def _run_diff(state: _Run, unit: Unit, cube: Path) -> None:
@@ -581,9 +610,10 @@ def _run_diff(state: _Run, unit: Unit, cube: Path) -> None:
     from planetseg.store import create_owned_dir
 
     flow = state.flow
-    create_owned_dir(flow.outputs / "change", "run")
+    out = output_of(flow, "diff", unit.unit)
+    create_owned_dir(out.parent, "run")
     config = DiffConfig(
-        out=str(flow.outputs / "change" / unit.unit),
+        out=str(out),
         before="0",
         after="0",
         other=str(_labels_store(flow, unit.args["after"])),
@@ -599,10 +629,9 @@ def _run_craters(state: _Run, unit: Unit, cube: Path) -> None:
     from planetseg.store import create_owned_dir
 
     flow = state.flow
-    create_owned_dir(flow.outputs / "craters", "run")
-    config = replace(
-        flow.craters, out=str(flow.outputs / "craters" / f"{unit.unit}.parquet"), overwrite=True
-    )
+    out = output_of(flow, "craters", unit.unit)
+    create_owned_dir(out.parent, "run")
+    config = replace(flow.craters, out=str(out), overwrite=True)
     craters(_labels_store(flow, unit.unit), config)
 
 

@@ -6,7 +6,10 @@ config dataclasses the CLI builds (:mod:`planetseg.config`), so a workflow's val
 exactly as the command line's are. Every problem is one
 :class:`~planetseg.errors.WorkflowError` naming the file, the line and the key: an unknown key,
 a value of the wrong type, a missing required key, a step planetseg does not know, or a value
-its stage's config refuses. Relative paths resolve against the workflow file's folder.
+its stage's config refuses. Relative paths resolve against the workflow's *root*: the file's
+folder, or the folder its ``root`` key names (itself relative to the file), which
+:func:`load_workflow` can also be given (``planetseg demo --out D`` runs the shipped demo workflow
+with root ``D``).
 
 ::
 
@@ -15,6 +18,7 @@ its stage's config refuses. Relative paths resolve against the workflow file's f
     steps:     {ingest: {}, segment: {model, ...}, diff: {compare, ...}, craters: {...}}
     cluster:   {kind, workers, threads, jobs, config_file, host}
     outputs:   folder of the products (change maps, catalogs, run records)
+    root:      folder the relative paths resolve against (default: the file's)
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "host": (str, False),
     },
 }
-TOP = {"name": (str, False), "catalog": (dict, True), "cube": (dict, True),
-       "steps": (dict, True), "cluster": (dict, False), "outputs": (_PATH, True)}  # fmt: skip
+TOP = {"name": (str, False), "root": (_PATH, False), "catalog": (dict, True),
+       "cube": (dict, True), "steps": (dict, True), "cluster": (dict, False),
+       "outputs": (_PATH, True)}  # fmt: skip
 STEPS = ("ingest", "segment", "diff", "craters")
 
 
@@ -164,8 +169,32 @@ class Workflow:
         return tuple(s for s in STEPS if getattr(self, s) is not None)
 
 
-def load_workflow(path: str | Path) -> Workflow:
+def shipped_workflow(name: str) -> Path:
+    """The workflow ``name`` shipped with planetseg (``demo``, ``hirise``, ``sentinel-2``).
+
+    In a source checkout (an editable install) it is the checkout's ``workflows/NAME.yaml``; a
+    wheel carries the same files as ``planetseg/workflows/``.
+
+    Raises:
+        WorkflowError: there is no such shipped workflow.
+    """
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "workflows", here / "workflows"):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise WorkflowError(
+        f"the shipped workflow {name}.yaml is missing beside planetseg ({here}): reinstall "
+        "planetseg from its source (pip install -e .)"
+    )
+
+
+def load_workflow(path: str | Path, *, root: str | Path | None = None) -> Workflow:
     """Read and check a workflow file.
+
+    Args:
+        path: The workflow file.
+        root: Folder its relative paths resolve against, instead of its ``root`` key's (or,
+            without one, the file's folder).
 
     Raises:
         WorkflowError: the file is missing or not YAML, or a key is unknown, of the wrong type,
@@ -179,21 +208,22 @@ def load_workflow(path: str | Path) -> Workflow:
     except OSError as exc:
         raise WorkflowError(f"workflow {path} cannot be read: {exc.strerror}") from exc
     try:
-        root = yaml.compose(text)
+        tree = yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or "not YAML"
         raise WorkflowError(f"{where}: {problem}: fix the YAML syntax") from exc
-    return _Reader(path).workflow(root)
+    return _Reader(path, root).workflow(tree)
 
 
 class _Reader:
     """Turns the YAML node tree into a :class:`Workflow`, remembering lines for messages."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, root: str | Path | None = None) -> None:
         self.path = path
         self.base = path.resolve().parent
+        self.root = None if root is None else Path(root).resolve()
         self.keys: dict[str, Any] = {}  # dotted key -> its YAML key node (for line numbers)
 
     def fail(self, node: Any, key: str, message: str) -> WorkflowError:
@@ -285,6 +315,10 @@ class _Reader:
 
     def workflow(self, root: Any) -> Workflow:
         top = self.mapping(root, "", TOP)
+        if self.root is not None:
+            self.base = self.root
+        elif "root" in top:
+            self.base = Path(self.resolve(top["root"][1]) or self.base)
         sections = {name: self.mapping(top[name][1], name, SCHEMA[name])
                     for name in ("catalog", "cube") if name in top}  # fmt: skip
         steps_node = top["steps"][0]

@@ -121,7 +121,7 @@ def test_catalogs_lists_worlds_and_collections() -> None:
         assert word in proc.stdout
 
 
-def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
+def test_demo_runs_offline_as_a_workflow_and_is_idempotent(tmp_path: Path) -> None:
     import xarray as xr
 
     out = tmp_path / "demo-out"
@@ -136,41 +136,56 @@ def test_demo_runs_offline_and_is_idempotent(tmp_path: Path) -> None:
     assert [it["id"] for it in read_items(out / "items.parquet")] == [
         f"synthetic-moon-e0{k}" for k in range(3)
     ]
-    labels = xr.open_zarr(out / "labels.zarr", consolidated=False)
-    assert labels.attrs["planetseg:complete"] is True
-    assert dict(labels.sizes) == {"time": 3, "y": 512, "x": 512}  # the LR cube x 2
-    assert (out / "change-0-1" / "quicklook.png").exists()
-    assert (out / "change-0-2" / "changes.parquet").exists()
-    assert (out / "craters.parquet").exists() and (out / "craters.scores.json").exists()
-    assert "craters" in first.stdout and "diff" in first.stdout
-    # Training shows its progress beside the tile bar (one line per record off a terminal).
-    assert "planetseg: train step 2/2 loss" in first.stderr
-    # The model trains on one world; every product is made and scored on another, and says so.
+    # The products are a run of the shipped workflows/demo.yaml with its root in the demo folder.
+    shipped = Path(__file__).resolve().parents[1] / "workflows" / "demo.yaml"
     text = " ".join(first.stdout.split())
-    assert "training world, seed 0, suns 270/25, 90/40, 200/30" in text
-    unseen = "world seed 1, suns 135/35, 315/20, 45/30 (azimuth/elevation, degrees), not seen"
-    assert text.count(unseen) == 5  # its synth line, segment scores, two diffs, craters
-    lr = xr.open_zarr(out / "lr.zarr", consolidated=False)
-    assert json.loads(lr.attrs["planetseg:provenance"])["catalog"] == str(out / "unseen-world")
-    days = ["2020-01-01", "2020-01-15", "2024-02-01"]  # the unseen world's epochs
-    assert [str(t)[:10] for t in labels["time"].values] == days
-    scores = json.loads((out / "craters.scores.json").read_text())
-    assert [t[:10] for t in scores["times"]] == days
-    again = planetseg(*args)
-    assert again.returncode == 0, again.stderr
-    assert "tiles: 0 written" in again.stdout
-    assert "0 tiles segmented, 3 kept" in " ".join(again.stdout.split())
-    assert "mIoU" in again.stdout
-    # The shipped demo workflow runs on the demo's output, offline (its paths are relative).
-    flow = tmp_path / "workflows" / "demo.yaml"
-    flow.parent.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "workflows" / "demo.yaml", flow)
-    run = planetseg("run", str(flow), "--cluster", "none")
-    assert run.returncode == 0, run.stderr
-    counts = json.loads(Path(run.stdout.split("record -> ")[1].strip()).read_text())["counts"]
-    assert {s: c["processed"] for s, c in counts.items()} == {
+    assert f"workflow {shipped} with root {out}" in text
+    record = json.loads(Path(first.stdout.split("record -> ")[1].split()[0]).read_text())
+    assert record["workflow"] == str(shipped)
+    assert {s: c["processed"] for s, c in record["counts"].items()} == {
         "ingest": 3, "segment": 3, "diff": 2, "craters": 3
     }  # fmt: skip
+    products = out / "products"
+    days = ["2020-01-01", "2020-01-15", "2024-02-01"]  # the unseen world's epochs
+    stores = sorted((products / "labels").glob("*.zarr"))
+    assert [p.name for p in stores] == [f"000{n}-{d}.zarr" for n, d in enumerate(days)]
+    for store, day in zip(stores, days, strict=True):
+        labels = xr.open_zarr(store, consolidated=False)
+        assert labels.attrs["planetseg:complete"] is True
+        assert dict(labels.sizes) == {"time": 1, "y": 512, "x": 512}  # the LR cube x 2
+        assert str(labels["time"].values[0])[:10] == day
+    changes = sorted(p.name for p in (products / "change").iterdir() if p.is_dir())
+    assert changes == ["0000-2020-01-01--0001-2020-01-15", "0000-2020-01-01--0002-2024-02-01"]
+    for change in changes:
+        assert (products / "change" / change / "quicklook.png").exists()
+        assert (products / "change" / change / "changes.parquet").exists()
+    for n, day in enumerate(days):
+        scores = json.loads((products / "craters" / f"000{n}-{day}.scores.json").read_text())
+        assert [t[:10] for t in scores["times"]] == [day]
+    assert "craters" in first.stdout and "diff" in first.stdout
+    # Training shows its progress beside the tile bar (one line per record off a terminal),
+    # and the run says what each step is about to do.
+    assert "planetseg: train step 2/2 loss" in first.stderr
+    assert "planetseg: segment: 3 to do (3 new)" in first.stderr
+    # The model trains on one world; every product is made and scored on another, and says so.
+    assert "training world, seed 0, suns 270/25, 90/40, 200/30" in text
+    unseen = "world seed 1, suns 135/35, 315/20, 45/30 (azimuth/elevation, degrees), not seen"
+    assert text.count(unseen) == 7  # its synth line, segment scores, two diffs, three catalogs
+    lr = xr.open_zarr(out / "lr.zarr", consolidated=False)
+    assert json.loads(lr.attrs["planetseg:provenance"])["catalog"] == str(out / "unseen-world")
+    # Again: nothing is recomputed, every figure is printed from what the first run made.
+    again = planetseg(*args)
+    assert again.returncode == 0, again.stderr
+    assert "tiles: 0 written" in again.stdout and "nothing new" in again.stdout
+    assert again.stdout.count("mIoU") == first.stdout.count("mIoU") == 2
+    assert " ".join(again.stdout.split()).count(unseen) == 7
+    # The shipped workflow itself, beside a demo-out folder, runs on it: nothing left to do.
+    flow = tmp_path / "workflows" / "demo.yaml"
+    flow.parent.mkdir()
+    shutil.copy(shipped, flow)
+    run = planetseg("run", str(flow), "--cluster", "none")
+    assert run.returncode == 0, run.stderr
+    assert "nothing new" in run.stdout and str(products / "runs") in run.stdout
 
 
 COMMANDS = ("catalogs", "search", "ingest", "train", "evaluate", "segment", "diff", "craters",

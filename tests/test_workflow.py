@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from planetseg.errors import WorkflowError
-from planetseg.workflow import load_workflow
+from planetseg.workflow import load_workflow, shipped_workflow
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -52,6 +52,31 @@ def test_paths_resolve_against_the_file_and_configs_are_the_stages(tmp_path: Pat
     assert flow.diff.compare == "baseline" and flow.diff.min_confidence == 0.7
     assert flow.craters.reference == str(tmp_path / "world" / "craters.csv")
     assert flow.cluster.kind == "local"
+
+
+def test_a_root_moves_every_relative_path_and_the_caller_can_set_it(tmp_path: Path) -> None:
+    path = tmp_path / "flows" / "flow.yaml"
+    path.parent.mkdir()
+    (tmp_path / "data" / "world").mkdir(parents=True)
+    path.write_text("root: ../data\n" + GOOD)
+    flow = load_workflow(path)
+    data = tmp_path / "data"
+    assert flow.search.catalog == str(data / "world") and flow.ingest.out == str(data / "cube.zarr")
+    assert flow.outputs == data / "out" and flow.path == path
+    # The caller's root wins over the file's (the demo runs the shipped file in its own folder).
+    other = load_workflow(path, root=tmp_path / "elsewhere")
+    assert other.ingest.out == str(tmp_path / "elsewhere" / "cube.zarr")
+    assert other.craters.reference == str(tmp_path / "elsewhere" / "world" / "craters.csv")
+
+
+def test_the_shipped_demo_workflow_is_found_and_rooted_where_the_demo_runs(tmp_path: Path) -> None:
+    assert shipped_workflow("demo") == WORKFLOWS / "demo.yaml"
+    flow = load_workflow(shipped_workflow("demo"), root=tmp_path)
+    assert flow.search.catalog == str(tmp_path / "unseen-world")
+    assert flow.segment.model == str(tmp_path / "run" / "model")
+    assert flow.outputs == tmp_path / "products"
+    with pytest.raises(WorkflowError, match="nothing.yaml is missing"):
+        shipped_workflow("nothing")
 
 
 @pytest.mark.parametrize(
