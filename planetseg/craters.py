@@ -1,15 +1,21 @@
 """The ``craters`` stage: a crater catalog from the crater classes of a labels store.
 
-Per time step, the pixels of the crater classes are split into individual craters: touching
-craters merge into one blob in the mask, so the blob is cut by a watershed on its distance
-transform, seeded at the distance maxima (one per crater centre). Each crater gets
+Per time step, the crater pixels are split into individual craters. Stores that ``segment``
+wrote with a ``crater_probability`` (the summed softmax of the crater classes) are read from
+it: a pixel is a crater's where the probability is at least 0.5; stores without one (older
+planetseg, or ``--crater-class`` naming other classes than were summed) fall back to the hard
+labels. Touching craters merge into one blob, so the blob is cut by a watershed on its
+distance transform, seeded at the distance maxima (one per crater centre; see
+:func:`separate` and ``benchmarks/bench_crater_extraction.py`` for the surfaces compared).
+Each crater gets
 
 * ``lon``, ``lat``: its centroid in the body's own longitude/latitude (degrees);
 * ``diameter_km``: the diameter of the circle of the same *true* area (pixel areas on the
   body, see :mod:`planetseg.products`), and ``diameter_px`` on the segmentation grid;
 * ``major_km``, ``minor_km``, ``orientation_deg``: the fitted ellipse (image moments);
-* ``class`` (the majority crater class), ``confidence`` (mean probability) and ``epoch``
-  (time index) with ``time``.
+* ``class`` (the majority crater class), ``confidence`` (mean crater probability, or mean
+  confidence without one; ``--min-confidence`` drops craters below it) and ``epoch`` (time
+  index) with ``time``.
 
 ``--reference`` scores the catalog against another (planetseg's or craterpy's columns) with
 DeepMoon's matching criteria (Silburt et al. 2019): a detection ``d`` matches a reference
@@ -17,8 +23,12 @@ crater ``r`` when ``dist(d, r)^2 / min(R_d, R_r)^2 < 1.8`` (great-circle distanc
 body) and ``|R_d - R_r| / min(R_d, R_r) < 1.0``, radii ``R``; pairs are matched one to one,
 closest first. Only reference craters whose centre lies in the grid count, and a reference
 with an ``epoch`` column (the synthetic world's) is compared per time step with the craters
-that exist by then (``epoch <= t``). Scores come per size bin of the diameter in pixels of the
-segmentation grid.
+that exist by then (``epoch <= t``). Scores come per size bin of one diameter (a pair's
+reference diameter), in pixels of the segmentation grid and metres, above the limits
+(``--min-diameter``, ``--reference-min-km``) on both sides; see :func:`score`.
+
+``--craterstats FILE.scc`` writes the count of one time step with its counting area (the true
+area of the grid's valid pixels) as a craterstats spatial crater count.
 """
 
 from __future__ import annotations
