@@ -260,8 +260,6 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
             flag="--craterstats" if path == count_file else "--out",
             label=None if path in (out, count_file) else f"{path} (written beside --out {out})",
         )
-    if count_file in (out, *_companions(out)):
-        raise InvalidArgumentError(f"--craterstats {count_file} is a file --out {out} writes")
     labels = LabelsStore.open(store)
     values = crater_values(labels, config.crater_classes)
     reference = read_crater_catalog(config.reference).table if config.reference else None
@@ -277,14 +275,13 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     frames, counted_km2 = [], 0.0
     for t in times:
         confidence = labels.read(t, "confidence")
-        counted_km2 = float(area[np.isfinite(confidence)].sum())
+        counted_km2 = float(area[np.isfinite(confidence)].sum())  # the pixels segment wrote
+        probability = labels.read(t, source) if source == CRATER_PROBABILITY else None
         found = extract(
             labels.read(t),
             confidence,
             values,
-            probability=labels.read(t, CRATER_PROBABILITY)
-            if source == CRATER_PROBABILITY
-            else None,
+            probability=probability,
             min_diameter_px=config.min_diameter_px,
             min_confidence=config.min_confidence,
         )

@@ -167,12 +167,10 @@ def test_scores_bin_a_pair_by_the_reference_diameter(discs: dict[str, Path]) -> 
             "epoch": 0,
         }
     )
-    reference = pd.DataFrame(
-        {  # the match (7.6 px), a miss of 20 px, a miss of 2 px, one of 5 px
-            "lon": [lon, *_lonlat(40, 250)[:1], *_lonlat(40, 20)[:1], *_lonlat(200, 20)[:1]],
-            "lat": [lat, _lonlat(40, 250)[1], _lonlat(40, 20)[1], _lonlat(200, 20)[1]],
-            "diameter_km": [7.6 * km, 20 * km, 2 * km, 5 * km],
-        }
+    # the match (7.6 px), a miss of 20 px, a miss of 2 px, one of 5 px
+    where = [(lon, lat), _lonlat(40, 250), _lonlat(40, 20), _lonlat(200, 20)]
+    reference = pd.DataFrame(where, columns=["lon", "lat"]).assign(
+        diameter_km=[7.6 * km, 20 * km, 2 * km, 5 * km]
     )
     s = score(detected, reference, store, [0], km, min_diameter_px=3)
     b = s["bins"]
