@@ -164,7 +164,8 @@ def main() -> None:
             f"{'size':10s}{'ref':>7s}{'found':>7s}{'P':>7s}{'R':>7s}{'F1':>7s}"
             f"{'dD/D':>7s}{'dx/R':>7s}"
         )
-        for name, b in [*scores["bins"].items(), ("all", scores["all"])]:
+        limited = [(f">={scores['limits']['min_diameter_px']:g} px", scores["total"])]
+        for name, b in [*scores["bins"].items(), *limited, ("all", scores["all"])]:
             dd = "-" if b["median_diameter_error"] is None else f"{b['median_diameter_error']:.2f}"
             dx = b["median_position_error_radii"]
             dx = "-" if dx is None else f"{dx:.2f}"

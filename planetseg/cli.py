@@ -819,10 +819,29 @@ def craters(
         typer.Option(help="Class name that is a crater; repeatable (default: *crater*)."),
     ] = None,
     min_diameter: Annotated[
-        float, typer.Option(help="Smallest crater kept, in pixels of the labels grid.")
+        float,
+        typer.Option(
+            help="Smallest crater kept, in pixels of the labels grid; in the scores, smaller "
+            "reference craters are no misses."
+        ),
     ] = 3.0,
+    min_confidence: Annotated[
+        float,
+        typer.Option(help="Drop craters whose mean crater probability is below this (0..1)."),
+    ] = 0.0,
     reference: Annotated[
         Path | None, typer.Option(help="Crater catalog (CSV/Parquet) to score against.")
+    ] = None,
+    reference_min_km: Annotated[
+        float,
+        typer.Option(
+            help="The reference's completeness limit (km, e.g. 1 for Robbins): smaller "
+            "craters count on neither side."
+        ),
+    ] = 0.0,
+    craterstats: Annotated[
+        Path | None,
+        typer.Option(help="Also write the count with its area for craterstats (.scc)."),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -837,7 +856,10 @@ def craters(
             times=tuple(time or ()),
             crater_classes=tuple(crater_class or ()),
             min_diameter_px=min_diameter,
+            min_confidence=min_confidence,
             reference=str(reference) if reference else None,
+            reference_min_km=reference_min_km,
+            craterstats=str(craterstats) if craterstats else None,
             overwrite=overwrite,
         ),
     )
@@ -848,32 +870,55 @@ def _print_craters(result: Any) -> None:
     counts = result.table.groupby("class").size().to_dict() if len(result.table) else {}
     out.print(
         f"[bold]craters[/bold] {len(result.table)} craters "
-        f"({', '.join(f'{k} {v}' for k, v in counts.items()) or 'none'}) -> {result.out}"
+        f"({', '.join(f'{k} {v}' for k, v in counts.items()) or 'none'}, from the "
+        f"{result.source.replace('_', ' ')}) -> {result.out}"
     )
-    if result.scores is not None:
-        table = Table(show_edge=False)
-        for col in ("size", "reference", "detected", "precision", "recall", "F1", "dD/D", "dx/R"):
-            table.add_column(col, justify="left" if col == "size" else "right")
+    for path in result.files:
+        if path.suffix == ".scc":
+            out.print(f"craterstats count -> {path}")
+    scores = result.scores
+    if scores is None:
+        return
+    table = Table(show_edge=False)
+    columns = ("size", "metres", "reference", "detected", "precision", "recall", "F1")
+    for col in (*columns, "dD/D", "|dD/D|", "dx/R"):
+        table.add_column(col, justify="left" if col in ("size", "metres") else "right")
 
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{100 * v:.1f}"
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
 
-        def num(v: float | None) -> str:
-            return "-" if v is None else f"{v:.2f}"
+    def num(v: float | None, sign: str = "") -> str:
+        return "-" if v is None else f"{v:{sign}.2f}"
 
-        for name, b in [*result.scores["bins"].items(), ("all", result.scores["all"])]:
-            table.add_row(
-                name,
-                str(b["reference"]),
-                str(b["detected"]),
-                pct(b["precision"]),
-                pct(b["recall"]),
-                pct(b["f1"]),
-                num(b["median_diameter_error"]),
-                num(b["median_position_error_radii"]),
-            )
-        out.print(f"against {result.reference} (DeepMoon criteria; medians of matched craters):")
-        out.print(table)
+    def metres(lo: float, hi: float | None) -> str:
+        return f"{lo:.4g}-{hi:.4g}" if hi is not None else f">={lo:.4g}"
+
+    limits = scores.get("limits", {})
+    total = f">= {limits.get('min_diameter_px', 0):g} px"
+    if limits.get("reference_min_km"):
+        total += f", >= {limits['reference_min_km']:g} km"
+    rows = [(name, metres(*b["m"]), b) for name, b in scores["bins"].items()]
+    floor_m = max(limits.get("min_diameter_m", 0), 1000 * limits.get("reference_min_km", 0))
+    rows += [(total, f">={floor_m:.4g}", scores["total"])]
+    rows += [("all (no limits)", "", scores["all"])]
+    for name, span, b in rows:
+        table.add_row(
+            name,
+            span,
+            str(b["reference"]),
+            str(b["detected"]),
+            pct(b["precision"]),
+            pct(b["recall"]),
+            pct(b["f1"]),
+            num(b.get("median_diameter_bias"), "+"),
+            num(b["median_diameter_error"]),
+            num(b["median_position_error_radii"]),
+        )
+    out.print(
+        f"against {result.reference} (DeepMoon criteria; a pair binned by the reference's "
+        "diameter; medians of matched craters):"
+    )
+    out.print(table)
 
 
 # --------------------------------------------------------------------------- info

@@ -327,8 +327,15 @@ class CratersConfig:
         times: Time steps (date prefixes or indices); empty for all.
         crater_classes: Class names that are craters; empty for every class whose name
             contains "crater".
-        min_diameter_px: Drop regions smaller than this equivalent diameter (pixels).
+        min_diameter_px: Drop regions smaller than this equivalent diameter (pixels); in the
+            scores, reference craters below it are not misses either.
+        min_confidence: Drop craters whose mean crater probability (mean confidence in stores
+            without one) is below this (0..1).
         reference: A crater catalog to score against (planetseg's or craterpy's columns).
+        reference_min_km: The reference's completeness limit (km): in the scores, neither a
+            reference crater nor an unmatched detection smaller than this counts.
+        craterstats: Also write the catalog with its counting area as a craterstats ``.scc``
+            file here (one time step).
         overwrite: Replace an earlier craters catalog at ``out`` (never anything else).
     """
 
@@ -336,11 +343,25 @@ class CratersConfig:
     times: tuple[str, ...] = ()
     crater_classes: tuple[str, ...] = ()
     min_diameter_px: float = 3.0
+    min_confidence: float = 0.0
     reference: str | None = None
+    reference_min_km: float = 0.0
+    craterstats: str | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         _number_in("--min-diameter", self.min_diameter_px, "give a diameter >= 0 px", low=0)
+        _number_in(
+            "--min-confidence", self.min_confidence, "give a probability in 0..1", low=0, high=1
+        )
+        _number_in("--reference-min-km", self.reference_min_km, "give a diameter >= 0 km", low=0)
+        if self.craterstats is not None:
+            _require(
+                str(self.craterstats).lower().endswith(".scc"),
+                "--craterstats",
+                self.craterstats,
+                "the craterstats file must end in .scc",
+            )
 
 
 @dataclass(frozen=True)

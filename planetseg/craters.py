@@ -1,15 +1,21 @@
 """The ``craters`` stage: a crater catalog from the crater classes of a labels store.
 
-Per time step, the pixels of the crater classes are split into individual craters: touching
-craters merge into one blob in the mask, so the blob is cut by a watershed on its distance
-transform, seeded at the distance maxima (one per crater centre). Each crater gets
+Per time step, the crater pixels are split into individual craters. Stores that ``segment``
+wrote with a ``crater_probability`` (the summed softmax of the crater classes) are read from
+it: a pixel is a crater's where the probability is at least 0.5; stores without one (older
+planetseg, or ``--crater-class`` naming other classes than were summed) fall back to the hard
+labels. Touching craters merge into one blob, so the blob is cut by a watershed on its
+distance transform, seeded at the distance maxima (one per crater centre; see
+:func:`separate` and ``benchmarks/bench_crater_extraction.py`` for the surfaces compared).
+Each crater gets
 
 * ``lon``, ``lat``: its centroid in the body's own longitude/latitude (degrees);
 * ``diameter_km``: the diameter of the circle of the same *true* area (pixel areas on the
   body, see :mod:`planetseg.products`), and ``diameter_px`` on the segmentation grid;
 * ``major_km``, ``minor_km``, ``orientation_deg``: the fitted ellipse (image moments);
-* ``class`` (the majority crater class), ``confidence`` (mean probability) and ``epoch``
-  (time index) with ``time``.
+* ``class`` (the majority crater class), ``confidence`` (mean crater probability, or mean
+  confidence without one; ``--min-confidence`` drops craters below it) and ``epoch`` (time
+  index) with ``time``.
 
 ``--reference`` scores the catalog against another (planetseg's or craterpy's columns) with
 DeepMoon's matching criteria (Silburt et al. 2019): a detection ``d`` matches a reference
@@ -17,8 +23,12 @@ crater ``r`` when ``dist(d, r)^2 / min(R_d, R_r)^2 < 1.8`` (great-circle distanc
 body) and ``|R_d - R_r| / min(R_d, R_r) < 1.0``, radii ``R``; pairs are matched one to one,
 closest first. Only reference craters whose centre lies in the grid count, and a reference
 with an ``epoch`` column (the synthetic world's) is compared per time step with the craters
-that exist by then (``epoch <= t``). Scores come per size bin of the diameter in pixels of the
-segmentation grid.
+that exist by then (``epoch <= t``). Scores come per size bin of one diameter (a pair's
+reference diameter), in pixels of the segmentation grid and metres, above the limits
+(``--min-diameter``, ``--reference-min-km``) on both sides; see :func:`score`.
+
+``--craterstats FILE.scc`` writes the count of one time step with its counting area (the true
+area of the grid's valid pixels) as a craterstats spatial crater count.
 """
 
 from __future__ import annotations
@@ -36,13 +46,28 @@ from planetseg.config import CratersConfig
 from planetseg.errors import InvalidArgumentError
 from planetseg.labels import read_crater_catalog
 from planetseg.products import LabelsStore
+from planetseg.segment import CRATER_PROBABILITY, CRATER_PROBABILITY_ATTR
 from planetseg.store import prepare_output
 
 #: DeepMoon's thresholds (squared position / radius, relative radius).
 POSITION_THRESHOLD2 = 1.8
 RADIUS_THRESHOLD = 1.0
+#: Media types of the files written beside the catalog.
+MEDIA = {"scores": "application/json", "craterstats": "text/plain"}
 #: Size bins (diameter, pixels of the segmentation grid).
 SIZE_BINS = (0.0, 4.0, 8.0, 16.0, 32.0, math.inf)
+#: A pixel is a crater's where the crater probability is at least this.
+PROBABILITY_THRESHOLD = 0.5
+#: How touching craters are separated (:func:`separate`); the default was chosen by
+#: ``benchmarks/bench_crater_extraction.py``.
+SEPARATIONS = ("distance", "probability", "combined")
+SEPARATION = "distance"
+#: Markers are local maxima of the separation surface this far apart (px) and above this floor
+#: (px of distance; distance x probability; probability).
+MIN_PEAK_DISTANCE = 3
+PEAK_FLOOR = {"distance": 1.0, "combined": 0.5, "probability": PROBABILITY_THRESHOLD}
+#: Gaussian sigma (px) of the probability smoothing before it is used as a surface.
+SMOOTHING_PX = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,7 @@ class CratersResult:
         scores: Matching scores against the reference (None without one).
         files: Every file written.
         reference: The reference catalog scored against, if any.
+        source: What the craters were extracted from: ``crater_probability`` or ``labels``.
     """
 
     table: pd.DataFrame
@@ -62,6 +88,7 @@ class CratersResult:
     scores: dict[str, Any] | None
     files: tuple[Path, ...]
     reference: str | None = None
+    source: str = "labels"
 
 
 def crater_values(store: LabelsStore, names: tuple[str, ...]) -> dict[int, str]:
@@ -93,39 +120,53 @@ def extract(
     confidence: np.ndarray,
     values: dict[int, str],
     *,
+    probability: np.ndarray | None = None,
     min_diameter_px: float = 3.0,
+    min_confidence: float = 0.0,
+    separation: str = SEPARATION,
 ) -> pd.DataFrame:
-    """Individual craters of one labels grid, in pixel units (``row``, ``col``, ``area_px``...)."""
-    from scipy import ndimage
-    from skimage.feature import peak_local_max
-    from skimage.measure import regionprops
-    from skimage.segmentation import watershed
+    """Individual craters of one labels grid, in pixel units (``row``, ``col``, ``area_px``...).
 
-    mask = np.isin(labels, list(values))
+    Args:
+        labels: The class of every pixel.
+        confidence: The winning class's probability (NaN where unset).
+        values: The crater classes (value -> name).
+        probability: The crater probability (summed softmax of the crater classes; NaN where
+            unset), or None to work on the hard labels.
+        min_diameter_px: Drop craters of a smaller equivalent diameter.
+        min_confidence: Drop craters whose mean probability (or, without it, confidence) is
+            below this.
+        separation: How touching craters are split (see :data:`SEPARATIONS`).
+
+    Returns:
+        One row per crater; ``confidence`` is its mean crater probability (mean confidence
+        without one).
+    """
+    from skimage.measure import regionprops
+
+    if separation not in SEPARATIONS:
+        raise InvalidArgumentError(f"separation {separation!r} is not one of {SEPARATIONS}")
+    if probability is None:
+        mask = np.isin(labels, list(values))
+        score_map = confidence
+    else:
+        mask = np.nan_to_num(probability, nan=0.0) >= PROBABILITY_THRESHOLD
+        score_map = probability
     if not mask.any():
         return pd.DataFrame(columns=["row", "col", "area_px", "label"])
-    blobs, _ = ndimage.label(mask)
-    distance = ndimage.distance_transform_edt(mask)
-    peaks = peak_local_max(
-        distance, min_distance=2, labels=blobs, exclude_border=False, threshold_abs=1.0
-    )
-    markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # Blobs without a peak (too thin for one) keep one marker of their own.
-    missing = np.setdiff1d(np.unique(blobs[mask]), np.unique(blobs[tuple(peaks.T)]))
-    if len(missing):
-        spots = np.array(ndimage.maximum_position(distance, blobs, missing), dtype=int)
-        markers[tuple(spots.T)] = np.arange(len(peaks) + 1, len(peaks) + 1 + len(missing))
-    regions = watershed(-distance, markers, mask=mask)
+    regions = separate(mask, probability, separation)
     rows = []
     for prop in regionprops(regions):
         d_px = prop.equivalent_diameter_area
         if d_px < min_diameter_px:
             continue
         rr, cc = prop.coords[:, 0], prop.coords[:, 1]
+        conf = score_map[rr, cc]
+        mean_conf = float(np.nanmean(conf)) if np.isfinite(conf).any() else float("nan")
+        if min_confidence and not mean_conf >= min_confidence:
+            continue
         counts = np.bincount(labels[rr, cc], minlength=max(values) + 1)
         cls = max(values, key=lambda v: counts[v])
-        conf = confidence[rr, cc]
         rows.append(
             {
                 "row": prop.centroid[0],
@@ -137,11 +178,58 @@ def extract(
                 "orientation_deg": float(np.degrees(prop.orientation)),
                 "label": int(prop.label),
                 "class": values[cls],
-                "confidence": float(np.nanmean(conf)) if np.isfinite(conf).any() else float("nan"),
+                "confidence": mean_conf,
                 "_coords": (rr, cc),
             }
         )
     return pd.DataFrame(rows)
+
+
+def separate(mask: np.ndarray, probability: np.ndarray | None, separation: str) -> np.ndarray:
+    """Split the crater pixels ``mask`` into one labelled region per crater.
+
+    A watershed of the separation surface (``distance``: the Euclidean distance transform of
+    the mask; ``probability``: the probability smoothed by :data:`SMOOTHING_PX`; ``combined``:
+    their product), seeded at its local maxima at least :data:`MIN_PEAK_DISTANCE` px apart and
+    above :data:`PEAK_FLOOR`. A crater's distance dome peaks at its centre and two touching
+    craters meet in a neck, so each gets a marker; where the probability dips between two
+    craters the product deepens that neck. Neighbouring maxima of one plateau (the flat top of
+    a rasterised disc) are one marker. Without a probability every surface is ``distance``.
+    """
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    distance = ndimage.distance_transform_edt(mask)
+    if probability is None or separation == "distance":
+        surface, kind = distance, "distance"
+    else:
+        smooth = ndimage.gaussian_filter(np.nan_to_num(probability, nan=0.0), SMOOTHING_PX)
+        surface, kind = (
+            (smooth, "probability")
+            if separation == "probability"
+            else (
+                distance * smooth,
+                "combined",
+            )
+        )
+    blobs, n_blobs = ndimage.label(mask)
+    found = peak_local_max(
+        surface,
+        min_distance=MIN_PEAK_DISTANCE,
+        labels=blobs,
+        exclude_border=False,
+        threshold_abs=PEAK_FLOOR[kind],
+    )
+    peaks = np.zeros(mask.shape, bool)
+    peaks[tuple(found.T)] = True
+    markers, n = ndimage.label(peaks, structure=np.ones((3, 3)))
+    # Blobs without a marker (too thin or too faint for one) keep one marker of their own.
+    missing = np.setdiff1d(np.arange(1, n_blobs + 1), np.unique(blobs[peaks]))
+    if len(missing):
+        spots = np.array(ndimage.maximum_position(distance, blobs, missing), dtype=int)
+        markers[tuple(spots.T)] = np.arange(n + 1, n + 1 + len(missing))
+    return watershed(-surface, markers, mask=mask)
 
 
 def craters(store: str | Path, config: CratersConfig) -> CratersResult:
@@ -149,7 +237,8 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
 
     Raises:
         CatalogReadError: not a complete labels store; an unreadable reference.
-        InvalidArgumentError: bad output suffix, times, classes or reference columns.
+        InvalidArgumentError: bad output suffix, times, classes or reference columns;
+            ``--craterstats`` with more than one time step.
         OutputPathError: the catalog or a file beside it is an input, a folder, not writable,
             an earlier catalog without ``overwrite``, or a file craters did not write.
     """
@@ -158,7 +247,8 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     out = Path(config.out)
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise InvalidArgumentError(f"--out {out}: the catalog must end in .parquet or .csv")
-    for path in (out, *_companions(out)):
+    count_file = Path(config.craterstats) if config.craterstats else None
+    for path in (out, *_companions(out), *([count_file] if count_file else [])):
         prepare_output(
             path,
             "craters",
@@ -167,21 +257,33 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
             overwrite=config.overwrite,
             replace_needs_overwrite=True,
             owns_file=lambda p: _written_by_craters(out, p),
-            label=None if path == out else f"{path} (written beside --out {out})",
+            flag="--craterstats" if path == count_file else "--out",
+            label=None if path in (out, count_file) else f"{path} (written beside --out {out})",
         )
     labels = LabelsStore.open(store)
     values = crater_values(labels, config.crater_classes)
     reference = read_crater_catalog(config.reference).table if config.reference else None
     times = select_times(labels.times, config.times)
+    if count_file and len(times) != 1:
+        raise InvalidArgumentError(
+            f"--craterstats {count_file}: a crater count is of one surface at one time, and "
+            f"{labels.path} has {len(times)} time steps selected: pick one with --time"
+        )
+    source = _source(labels, values)
     area = labels.pixel_area_km2()
     nominal_px_km = math.sqrt(float(np.median(area)))
-    frames = []
+    frames, counted_km2 = [], 0.0
     for t in times:
+        confidence = labels.read(t, "confidence")
+        counted_km2 = float(area[np.isfinite(confidence)].sum())  # the pixels segment wrote
+        probability = labels.read(t, source) if source == CRATER_PROBABILITY else None
         found = extract(
             labels.read(t),
-            labels.read(t, "confidence"),
+            confidence,
             values,
+            probability=probability,
             min_diameter_px=config.min_diameter_px,
+            min_confidence=config.min_confidence,
         )
         if found.empty:
             continue
@@ -211,9 +313,29 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     table.insert(0, "id", np.arange(len(table)))
     scores = None
     if reference is not None:
-        scores = score(table, reference, labels, times, nominal_px_km)
-    files = _write(out, table, labels, values, config, scores)
-    return CratersResult(table, out, scores, files, config.reference)
+        scores = score(
+            table,
+            reference,
+            labels,
+            times,
+            nominal_px_km,
+            min_diameter_px=config.min_diameter_px,
+            reference_min_km=config.reference_min_km,
+        )
+    count = (count_file, counted_km2) if count_file else None
+    files = _write(out, table, labels, values, config, scores, count, source)
+    return CratersResult(table, out, scores, files, config.reference, source)
+
+
+def _source(store: LabelsStore, values: dict[int, str]) -> str:
+    """What to extract craters from: ``crater_probability`` or the hard ``labels``.
+
+    The store's crater probability if it sums exactly the crater classes asked for; else the
+    labels (as in stores of older planetseg, which have no crater probability).
+    """
+    summed = json.loads(store.attrs.get(CRATER_PROBABILITY_ATTR) or "[]")
+    has = CRATER_PROBABILITY in store.dataset and sorted(summed) == sorted(values.values())
+    return CRATER_PROBABILITY if has else "labels"
 
 
 def read_craters(out: str | Path) -> CratersResult:
@@ -235,7 +357,9 @@ def read_craters(out: str | Path) -> CratersResult:
     scored = "scores" in item["assets"]
     scores = json.loads(scores_path.read_text()) if scored else None
     files = (out, scores_path, items) if scored else (out, items)
-    return CratersResult(table, out, scores, files, item["properties"].get("planetseg:reference"))
+    props = item["properties"]
+    source = props.get("planetseg:extracted_from", "labels")
+    return CratersResult(table, out, scores, files, props.get("planetseg:reference"), source)
 
 
 def _companions(out: Path) -> tuple[Path, Path]:
@@ -310,8 +434,19 @@ def score(
     store: LabelsStore,
     times: list[int],
     px_km: float,
+    *,
+    min_diameter_px: float = 0.0,
+    reference_min_km: float = 0.0,
 ) -> dict[str, Any]:
-    """Precision, recall, F1 and median errors, overall and per size bin (pixels)."""
+    """Precision, recall, F1 and median errors per size bin, above the limits and overall.
+
+    Every crater is binned by *one* diameter, so a bin's precision and recall are of the same
+    craters: a matched pair by the reference's diameter, an unmatched detection (a false
+    positive) and an unmatched reference crater (a miss) by their own. A crater counts in the
+    bins and in ``total`` only from ``min_diameter_px`` (nominal pixels of the grid) and
+    ``reference_min_km`` up, on both sides alike: a smaller reference crater is no miss and a
+    smaller unmatched detection no false positive. ``all`` counts every crater, no limits.
+    """
     from pyproj import Transformer
 
     from planetseg.bodies import celestial_proj
@@ -324,75 +459,84 @@ def score(
     col, row = (np.asarray(x) - c) / a, (np.asarray(y) - f) / e
     inside = reference[(col >= 0) & (col < w) & (row >= 0) & (row < h)].reset_index(drop=True)
     radius_km = store.body.radius_m / 1000
-    # Per crater, over every time step: its size bin and whether it was matched.
-    dbin, dhit, rbin, rhit, matched = [], [], [], [], []
+    # One record per matched pair, unmatched detection and unmatched reference crater.
+    records = []
     for t in times:
         det = table[table["epoch"] == t].reset_index(drop=True)
         ref = inside[inside["epoch"] <= t] if "epoch" in inside else inside
         ref = ref.reset_index(drop=True)
-        ref_bins = np.digitize(ref["diameter_km"] / px_km, SIZE_BINS) - 1
-        det_hit = np.zeros(len(det), bool)
-        ref_hit = np.zeros(len(ref), bool)
-        for i, j, dist in match(det, ref, radius_km):
-            det_hit[i] = ref_hit[j] = True
-            d_ref = ref["diameter_km"].iat[j]
-            matched.append(
-                {
-                    "bin": int(ref_bins[j]),
-                    "diameter_error": abs(det["diameter_km"].iat[i] - d_ref) / d_ref,
-                    "position_error_km": dist,
-                    "position_error_radii": dist / (d_ref / 2),
-                }
+        d_det, d_ref = det["diameter_km"].to_numpy(), ref["diameter_km"].to_numpy()
+        pairs = match(det, ref, radius_km)
+        for i, j, dist in pairs:
+            records.append(
+                ("match", d_ref[j], (d_det[i] - d_ref[j]) / d_ref[j], dist, dist / (d_ref[j] / 2))
             )
-        dbin.append(np.digitize(det["diameter_km"] / px_km, SIZE_BINS) - 1)
-        dhit.append(det_hit)
-        rbin.append(ref_bins)
-        rhit.append(ref_hit)
-    dbin, rbin = (np.concatenate([np.zeros(0, int), *b]) for b in (dbin, rbin))
-    dhit, rhit = (np.concatenate([np.zeros(0, bool), *h]) for h in (dhit, rhit))
-    m = pd.DataFrame(matched)
+        nan = float("nan")
+        hit_d, hit_r = {i for i, _, _ in pairs}, {j for _, j, _ in pairs}
+        records += [("false", d, nan, nan, nan) for i, d in enumerate(d_det) if i not in hit_d]
+        records += [("miss", d, nan, nan, nan) for j, d in enumerate(d_ref) if j not in hit_r]
+    r = pd.DataFrame(
+        records, columns=["kind", "diameter_km", "error", "position_km", "position_radii"]
+    )
+    size_px = r["diameter_km"].to_numpy(float) / px_km
+    counted = (size_px >= min_diameter_px) & (r["diameter_km"].to_numpy(float) >= reference_min_km)
+    which = np.digitize(size_px, SIZE_BINS) - 1
 
-    def summary(dsel: np.ndarray, rsel: np.ndarray, msel: Any) -> dict[str, Any]:
-        tp_d, n_d = int(dhit[dsel].sum()), int(dsel.sum())
-        tp_r, n_r = int(rhit[rsel].sum()), int(rsel.sum())
-        p = tp_d / n_d if n_d else None
-        r = tp_r / n_r if n_r else None
-        f1 = 2 * p * r / (p + r) if p and r else (0.0 if p is not None and r is not None else None)
-        sub = m[msel] if len(m) else m
+    def summary(sel: np.ndarray) -> dict[str, Any]:
+        sub = r[sel]
+        tp = int((sub["kind"] == "match").sum())
+        n_d = tp + int((sub["kind"] == "false").sum())
+        n_r = tp + int((sub["kind"] == "miss").sum())
+        p = tp / n_d if n_d else None
+        rc = tp / n_r if n_r else None
+        f1 = (
+            2 * p * rc / (p + rc)
+            if p and rc
+            else (0.0 if p is not None and rc is not None else None)
+        )
+        m = sub[sub["kind"] == "match"]
+
+        def median(values: pd.Series) -> float | None:
+            return float(values.median()) if len(m) else None
+
         return {
             "detected": n_d,
             "reference": n_r,
-            "matched": tp_r,
+            "matched": tp,
             "precision": p,
-            "recall": r,
+            "recall": rc,
             "f1": f1,
-            "median_diameter_error": float(sub["diameter_error"].median()) if len(sub) else None,
-            "median_position_error_km": float(sub["position_error_km"].median())
-            if len(sub)
-            else None,
-            "median_position_error_radii": float(sub["position_error_radii"].median())
-            if len(sub)
-            else None,
+            "median_diameter_error": median(m["error"].abs()),
+            "median_diameter_bias": median(m["error"]),
+            "median_position_error_km": median(m["position_km"]),
+            "median_position_error_radii": median(m["position_radii"]),
         }
 
+    m_per_px = px_km * 1000
     bins = {}
     for k in range(len(SIZE_BINS) - 1):
         lo, hi = SIZE_BINS[k], SIZE_BINS[k + 1]
         name = f"{lo:g}-{hi:g} px" if math.isfinite(hi) else f">={lo:g} px"
-        bins[name] = summary(dbin == k, rbin == k, (m["bin"] == k) if len(m) else None)
-    everything = summary(
-        np.ones(len(dbin), bool),
-        np.ones(len(rbin), bool),
-        np.ones(len(m), bool) if len(m) else None,
-    )
+        bins[name] = {
+            "px": [lo, hi if math.isfinite(hi) else None],
+            "m": [lo * m_per_px, hi * m_per_px if math.isfinite(hi) else None],
+            **summary(counted & (which == k)),
+        }
     return {
         "criteria": {
             "position_threshold2": POSITION_THRESHOLD2,
             "radius_threshold": RADIUS_THRESHOLD,
+            "binned_by": "reference diameter for a matched pair, its own for the others",
         },
         "pixel_km": px_km,
         "times": [store.times[t] for t in times],
-        "all": everything,
+        "limits": {
+            "min_diameter_px": min_diameter_px,
+            "min_diameter_m": min_diameter_px * m_per_px,
+            "reference_min_km": reference_min_km,
+        },
+        "total": summary(counted),
+        "all": summary(np.ones(len(r), bool)),
         "bins": bins,
     }
 
@@ -404,6 +548,8 @@ def _write(
     values: dict[int, str],
     config: CratersConfig,
     scores: dict[str, Any] | None,
+    count: tuple[Path, float] | None,
+    source: str,
 ) -> tuple[Path, ...]:
     import geopandas as gpd
 
@@ -412,9 +558,11 @@ def _write(
 
     scores_path, items = _companions(out)
     # The item goes first: it is what tells a later run (with --overwrite) that the catalog
-    # and the scores beside it are craters' own, even if this run dies before writing them.
-    listed = scores_path if scores is not None else None
-    write_items([_catalog_item(out, table, store, values, config, listed)], items)
+    # and the files beside it are craters' own, even if this run dies before writing them.
+    extra = {"scores": scores_path} if scores is not None else {}
+    if count:
+        extra["craterstats"] = count[0]
+    write_items([_catalog_item(out, table, store, values, config, extra, source)], items)
     files = [out]
     if scores is not None:
         with atomic_path(scores_path) as tmp:
@@ -422,6 +570,10 @@ def _write(
         files.append(scores_path)
     else:
         scores_path.unlink(missing_ok=True)  # an earlier run's (checked), not for this catalog
+    if count:
+        with atomic_path(count[0]) as tmp:
+            tmp.write_text(craterstats_text(table, count[1], store))
+        files.append(count[0])
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".csv":
             table.to_csv(tmp, index=False)
@@ -437,17 +589,54 @@ def _write(
     return tuple(files)
 
 
+def craterstats_text(table: pd.DataFrame, area_km2: float, store: LabelsStore) -> str:
+    """The catalog as a craterstats spatial crater count (``.scc``).
+
+    It holds the counting area (km^2) and every crater's diameter (km), fraction (1: the whole
+    crater is counted) and centre (body degrees).
+
+    The area is written in fixed-point notation: craterstats reads ``Total_area`` as digits
+    and dots only.
+    """
+    from planetseg import __version__
+
+    radius = np.format_float_positional(store.body.radius_m / 1000, trim="-")
+    when = ", ".join(sorted(set(table["time"]))) if len(table) else ""
+    lines = [
+        "# Spatial crater count",
+        f"# planetseg {__version__} craters of {store.path.resolve()}"
+        + (f" at {when}" if when else ""),
+        f"# body: {store.body.name}; counting area: the valid pixels of the labels grid",
+        "#",
+        "# Ellipsoid axes:",
+        *(f"{axis}_axis_radius = {radius} <km>" for axis in "abc"),
+        "#",
+        f"Total_area = {np.format_float_positional(area_km2, precision=12, trim='-')} <km^2>",
+        "#",
+        "# crater_diameters:",
+        "crater = {diam,fraction,lon,lat",
+        *(
+            f"{np.format_float_positional(d, precision=9, trim='-')}\t1\t{lon:.9f}\t{lat:.9f}"
+            for d, lon, lat in table[["diameter_km", "lon", "lat"]].itertuples(index=False)
+        ),
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _catalog_item(
     out: Path,
     table: pd.DataFrame,
     store: LabelsStore,
     values: dict[int, str],
     config: CratersConfig,
-    scores: Path | None,
+    extra: dict[str, Path],
+    source: str,
 ) -> dict[str, Any]:
     """A STAC item for the catalog: footprint of the grid in body lon/lat, the table as asset.
 
-    The scores file, if any, is an asset too: the item lists every file the run wrote.
+    The scores and craterstats files, if any, are assets too: the item lists every file the
+    run wrote.
     """
     from shapely.geometry import box, mapping
 
@@ -477,21 +666,16 @@ def _catalog_item(
             "planetseg:crater_classes": sorted(values.values()),
             "planetseg:count": len(table),
             "planetseg:min_diameter_px": config.min_diameter_px,
+            "planetseg:min_confidence": config.min_confidence,
+            "planetseg:extracted_from": source,
             "planetseg:reference": config.reference,
         },
         "links": [],
         "assets": {
             "catalog": {"href": str(out.resolve()), "type": media, "roles": ["data"]},
-            **(
-                {
-                    "scores": {
-                        "href": str(scores.resolve()),
-                        "type": "application/json",
-                        "roles": ["metadata"],
-                    }
-                }
-                if scores
-                else {}
-            ),
+            **{
+                key: {"href": str(path.resolve()), "type": MEDIA[key], "roles": ["metadata"]}
+                for key, path in extra.items()
+            },
         },
     }

@@ -163,7 +163,8 @@ def _labels(path: Path, attrs: dict[str, Any], verify: bool) -> dict[str, Any]:
             [task_marker(i) for i in range(plan.n_tasks) if task_marker(i) not in done]
         )
     if verify:
-        info["verify"] = _verify(path, attrs, ["labels", "confidence"])
+        written = [name for name in plan.output_arrays if (path / name).is_dir()]
+        info["verify"] = _verify(path, attrs, written)
     return info
 
 

@@ -113,7 +113,9 @@ class LabelsStore:
         return xr.open_zarr(self.path, consolidated=False)
 
     def read(self, t: int, name: str = "labels") -> np.ndarray:
-        """One time step of ``labels`` (uint8) or ``confidence`` (float32 0..1, NaN unset).
+        """One time step of ``labels`` (uint8), ``confidence`` or ``crater_probability``.
+
+        The probabilities come decoded: float32 0..1, NaN where unset.
 
         Raises:
             StoreCorruptError: a chunk of it is missing or damaged.

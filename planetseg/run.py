@@ -631,7 +631,8 @@ def _run_craters(state: _Run, unit: Unit, cube: Path) -> None:
     flow = state.flow
     out = output_of(flow, "craters", unit.unit)
     create_owned_dir(out.parent, "run")
-    config = replace(flow.craters, out=str(out), overwrite=True)
+    count = str(out.with_suffix(".scc")) if flow.craters.craterstats else None
+    config = replace(flow.craters, out=str(out), craterstats=count, overwrite=True)
     craters(_labels_store(flow, unit.unit), config)
 
 

@@ -76,6 +76,11 @@ Progress = Callable[[int, int], None]
 #: Confidence (the winning class's softmax probability) is stored as uint8 steps of 1/254;
 #: 255 is the fill value of pixels not yet written.
 CONFIDENCE_STEPS = 254
+#: The crater probability (the summed softmax of the crater classes: every class whose name
+#: contains "crater") is stored beside ``confidence``, quantised the same way, in stores of
+#: models that have crater classes; the attribute lists the classes summed.
+CRATER_PROBABILITY = "crater_probability"
+CRATER_PROBABILITY_ATTR = "planetseg:crater_probability_classes"
 
 #: A task's peak memory is the network's, counted in float32 maps of the input window's size
 #: and calibrated on peak RSS (fused network, CPU, torch 2.x): while the low-resolution levels
@@ -134,6 +139,11 @@ class SegmentPlan:
     net: dict[str, int] = field(default_factory=dict)
 
     @property
+    def crater_values(self) -> list[int]:
+        """Class values whose softmax is summed into the crater probability (may be none)."""
+        return sorted(int(v) for v, name in self.classes.items() if "crater" in name.lower())
+
+    @property
     def tiles_yx(self) -> tuple[int, int]:
         """Tile rows and columns of the input grid."""
         return math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile)
@@ -166,6 +176,12 @@ class SegmentPlan:
         s = self.scale
         return (a / s, b / s, c, d / s, e / s, f)
 
+    @property
+    def output_arrays(self) -> tuple[str, ...]:
+        """The arrays a task writes (one uint8 chunk per output tile each)."""
+        extra = (CRATER_PROBABILITY,) if self.crater_values else ()
+        return ("labels", "confidence", *extra)
+
     def task(self, index: int) -> tuple[int, int, int, int]:
         """Task ``index`` -> (position in ``times``, tile row, first and end tile column)."""
         per_time = self.tiles_yx[0] * self.runs_per_row
@@ -185,7 +201,7 @@ class SegmentPlan:
         ``input``: the window read, as float32 and normalised; ``network``: the network's peak
         activations (see :data:`LR_MAPS` and :data:`HR_MAPS`) and the logits buffer they are
         copied into; ``output``: the network's logits and, over the core, the softmax
-        probabilities, the confidence and the int64 labels.
+        probabilities, the confidence, the int64 labels and the crater probability.
         Measured against the peak RSS of a task within 2x (``tests/test_segment.py``).
         """
         net = NET_DEFAULTS | self.net
@@ -198,7 +214,7 @@ class SegmentPlan:
         return {
             "input": window * self.bands * (itemsize + 4 + 4),
             "network": 4 * window * (max(lr_stage, hr_stage) + s * s * n),
-            "output": 4 * window * s * s * n + core * (4 * n + 4 + 8),
+            "output": 4 * window * s * s * n + core * (4 * n + 4 + 8 + 4),
         }
 
     def estimate(self, partition: int) -> dict[str, Any]:
@@ -210,7 +226,10 @@ class SegmentPlan:
             "partitions": math.ceil(self.n_tasks / partition),
             "tasks_in_flight": min(partition, self.n_tasks),
             "bytes_read": len(self.times) * self.bands * self.shape[0] * self.shape[1] * itemsize,
-            "bytes_written": 2 * len(self.times) * self.out_shape[0] * self.out_shape[1],
+            "bytes_written": len(self.output_arrays)
+            * len(self.times)
+            * self.out_shape[0]
+            * self.out_shape[1],
             "bytes_per_task": sum(self.task_bytes().values()),
         }
 
@@ -429,8 +448,9 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     """Segment task ``index`` of ``plan`` into the store ``out``; return its tile count.
 
     Runs on a worker: reads one window of the cube (the task's tiles plus the halo), runs the
-    network on it once, writes the centre's labels and confidence chunk by chunk, then
-    touches the task's marker.
+    network on it once, writes the centre's labels, confidence and (for a model with crater
+    classes, into a store that has the array) crater probability chunk by chunk, then touches
+    the task's marker.
     """
     import torch
 
@@ -457,19 +477,28 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     core = logits[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
     prob = torch.softmax(core.float(), dim=0)
     confidence, labels = prob.max(dim=0)
-    labels_np = labels.to(torch.uint8).cpu().numpy()
-    conf_np = torch.round(confidence * CONFIDENCE_STEPS).to(torch.uint8).cpu().numpy()
-    labels_out = open_for_writing(out, "labels")
-    conf_out = open_for_writing(out, "confidence")
+    outputs = {"labels": labels.to(torch.uint8), "confidence": _quantised(confidence)}
+    # A store made before the crater probability existed is resumed without it.
+    if plan.crater_values and (Path(out) / CRATER_PROBABILITY).is_dir():
+        outputs[CRATER_PROBABILITY] = _quantised(prob[plan.crater_values].sum(dim=0))
+    arrays = {name: open_for_writing(out, name) for name in outputs}
+    values = {name: v.cpu().numpy() for name, v in outputs.items()}
     ys = slice(y0 * s, y1 * s)
     # One chunk per output tile: write tile by tile so every write is a whole chunk.
     for ix in range(ix0, ix1):
         cx0, cx1 = ix * tile * s, min((ix + 1) * tile, w) * s
         lx = slice(cx0 - x0 * s, cx1 - x0 * s)
-        labels_out[t_pos, ys, cx0:cx1] = labels_np[:, lx]
-        conf_out[t_pos, ys, cx0:cx1] = conf_np[:, lx]
+        for name, array in arrays.items():
+            array[t_pos, ys, cx0:cx1] = values[name][:, lx]
     (progress_dir(Path(out)) / task_marker(index)).touch()
     return ix1 - ix0
+
+
+def _quantised(probability: Any) -> Any:
+    """A probability map (torch) as the store's uint8 steps of 1/CONFIDENCE_STEPS."""
+    import torch
+
+    return torch.round(probability.clamp(0, 1) * CONFIDENCE_STEPS).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- the driver side
@@ -496,6 +525,14 @@ def _template(plan: SegmentPlan) -> Any:
         "flag_values": [int(k) for k in order],
         "flag_meanings": " ".join(plan.classes[k] for k in order),
     }
+    crater = {}
+    if plan.crater_values:
+        names = ", ".join(plan.classes[str(v)] for v in plan.crater_values)
+        crater[CRATER_PROBABILITY] = (
+            ("time", "y", "x"),
+            da.zeros((n, h, w), dtype="float32", chunks=(1, c, c)),
+            {"grid_mapping": "spatial_ref", "long_name": f"summed softmax of {names}"},
+        )
     ds = xr.Dataset(
         {
             "labels": (
@@ -508,6 +545,7 @@ def _template(plan: SegmentPlan) -> Any:
                 confidence,
                 {"grid_mapping": "spatial_ref", "long_name": "softmax probability of the class"},
             ),
+            **crater,
         },
         coords=coords,
     )
@@ -537,16 +575,20 @@ def _create_store(
             "planetseg:scale": plan.scale,
         }
     )
+    if plan.crater_values:
+        names = [plan.classes[str(v)] for v in plan.crater_values]
+        ds.attrs[CRATER_PROBABILITY_ATTR] = json.dumps(names)
     c = plan.tile * plan.scale
+    quantised = {
+        "chunks": (1, c, c),
+        "dtype": "uint8",
+        "scale_factor": 1.0 / CONFIDENCE_STEPS,
+        "add_offset": 0.0,
+        "_FillValue": 255,
+    }
     encoding = {
         "labels": {"chunks": (1, c, c), "fill_value": 0},
-        "confidence": {
-            "chunks": (1, c, c),
-            "dtype": "uint8",
-            "scale_factor": 1.0 / CONFIDENCE_STEPS,
-            "add_offset": 0.0,
-            "_FillValue": 255,
-        },
+        **{name: dict(quantised) for name in plan.output_arrays[1:]},
     }
     try:
         ds.to_zarr(
@@ -660,7 +702,8 @@ def _lost_tasks(store: Path, plan: SegmentPlan) -> set[int]:
     per_time = plan.tiles_yx[0] * plan.runs_per_row
     return {
         t * per_time + iy * plan.runs_per_row + ix // plan.batch
-        for name in ("labels", "confidence")
+        for name in plan.output_arrays
+        if (store / name).is_dir()
         for t, iy, ix in missing_chunks(store, name)
     }
 

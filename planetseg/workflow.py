@@ -82,8 +82,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     },
     "craters": {
         "reference": (_PATH, False),
+        "reference_min_km": ((int, float), False),
         "min_diameter": ((int, float), False),
+        "min_confidence": ((int, float), False),
         "crater_class": (list, False),
+        "craterstats": (bool, False),
     },
     "cluster": {
         "kind": (str, False),
@@ -386,7 +389,10 @@ class _Reader:
                 out=str(outputs / "craters.parquet"),
                 reference=self.resolve(get(cr, "reference")),
                 min_diameter_px=_float(get(cr, "min_diameter")),
+                min_confidence=_float(get(cr, "min_confidence")),
+                reference_min_km=_float(get(cr, "reference_min_km")),
                 crater_classes=get(cr, "crater_class"),
+                craterstats=str(outputs / "craters.scc") if get(cr, "craterstats") else None,
             )  # fmt: skip
         for name in ("diff", "craters"):
             if name in steps and segment is None:

@@ -84,12 +84,15 @@ def test_run_is_incremental_and_equals_the_stages_by_hand(
     assert _processed(_record(third.stdout)) == {
         s: 0 for s in ("ingest", "segment", "diff", "craters")
     }
-    # Only the crater settings change: only craters re-run.
+    # Only the crater settings change: only craters re-run (each with its craterstats count).
     _flow(tmp_path, world, epochs=3, min_diameter=4)
+    flow.write_text(flow.read_text().replace("  craters:\n", "  craters:\n    craterstats: true\n"))
     fourth = planetseg("run", str(flow))
     assert _processed(_record(fourth.stdout)) == {
         "ingest": 0, "segment": 0, "diff": 0, "craters": 3
     }  # fmt: skip
+    counts = sorted(p.name for p in (tmp_path / "out" / "craters").glob("*.scc"))
+    assert len(counts) == 3 and counts[2].startswith("0002-")
     # The run's labels equal segmenting the cube by hand.
     by_hand = tmp_path / "by-hand.zarr"
     proc = planetseg(
