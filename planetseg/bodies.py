@@ -91,6 +91,11 @@ def get_body(name: str) -> Body:
         raise CRSError(f"unknown body {name!r}: choose one of {', '.join(BODIES)}") from None
 
 
+@lru_cache(maxsize=256)
+def _body_of_text(text: str) -> Body:
+    return body_of_crs(parse_crs(text))
+
+
 def body_of_crs(crs: str | CRS) -> Body:
     """Return the body a CRS refers to.
 
@@ -101,7 +106,8 @@ def body_of_crs(crs: str | CRS) -> Body:
     Raises:
         CRSError: the body cannot be told from the CRS.
     """
-    crs = parse_crs(crs)
+    if isinstance(crs, str):
+        return _body_of_text(crs)  # PROJ's authority lookup is slow: once per CRS text
     auth = crs.to_authority(min_confidence=70) or crs.geodetic_crs.to_authority(min_confidence=70)
     if auth is not None:
         authority, code = auth

@@ -31,6 +31,13 @@ Item = dict[str, Any]
 
 ITEM_SUFFIXES = (".json", ".geojson", ".ndjson", ".parquet")
 PROJECTION_SCHEMA = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
+#: Media types of the rasters GDAL drivers read. Formats without a registered one (PDS3, PDS4
+#: and ISIS3 labels) get none: their ``data`` role tells readers (odc-stac) they are rasters.
+MEDIA_TYPES = {
+    "GTiff": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "COG": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "JP2OpenJPEG": "image/jp2",
+}
 
 
 def _suffix(path: Path) -> str:
@@ -201,11 +208,13 @@ def raster_item(
     ``projection_asset`` (default: the first asset). The CRS is written as ``proj:code`` when it
     has an authority code and always as ``proj:wkt2``, so readers that need either find it;
     ``proj:epsg`` is added for EPSG CRSs (stackstac reads only that). Geometry and ``bbox`` are
-    in the body's own longitude/latitude, never Earth's.
+    in the body's own longitude/latitude, never Earth's. Assets that carry no ``type`` get the
+    media type of the projection asset's format (:data:`MEDIA_TYPES`), where it has one.
     """
     key = projection_asset or next(iter(assets))
     with rasterio.open(assets[key]["href"]) as src:
         crs, transform, shape, bounds = src.crs, src.transform, (src.height, src.width), src.bounds
+        media_type = MEDIA_TYPES.get(src.driver)
         bands = [
             {
                 "data_type": src.dtypes[i],
@@ -215,8 +224,9 @@ def raster_item(
         ]
     from pyproj import CRS
 
-    pcrs = CRS.from_wkt(crs.to_wkt())
-    body = body_of_crs(pcrs)
+    wkt = crs.to_wkt()
+    pcrs = CRS.from_wkt(wkt)
+    body = body_of_crs(wkt)
     lonlat = rasterio.crs.CRS.from_wkt(body.crs.to_wkt())
     # Densified footprint: straight lines in a projected CRS are curves in lon/lat.
     xs, ys = _ring(bounds, 21)
@@ -237,7 +247,7 @@ def raster_item(
     props.update(properties or {})
     out_assets = {}
     for k, asset in assets.items():
-        a = {"type": "image/tiff; application=geotiff; profile=cloud-optimized", **asset}
+        a = {**({"type": media_type} if media_type else {}), **asset}
         if k == key:
             a.setdefault("raster:bands", bands)
         out_assets[k] = a
