@@ -83,6 +83,7 @@ def folder_items(root: Path) -> list[Item]:
         CatalogReadError: no image file; a file that cannot be read, or tells no body, no map
             projection or no time; two files that would be items of the same id.
     """
+    root = Path(os.path.abspath(root))
     files = sorted(_walk(root))
     labels = [p for p in files if _is_label(p)]
     claimed: set[Path] = set()
@@ -90,7 +91,7 @@ def folder_items(root: Path) -> list[Item]:
 
     def add(path: Path) -> None:
         item, parts = file_item(path, root)
-        claimed.update(parts)
+        claimed.update(parts)  # resolved: GDAL names the files as it found them
         if item["id"] in items:
             other = items[item["id"]][0]
             raise CatalogReadError(
@@ -102,7 +103,7 @@ def folder_items(root: Path) -> list[Item]:
     for path in labels:
         add(path)
     for path in files:
-        if path.suffix.lower() in RASTER_SUFFIXES and path not in claimed:
+        if path.suffix.lower() in RASTER_SUFFIXES and path.resolve() not in claimed:
             add(path)
     if not items:
         raise CatalogReadError(
@@ -124,26 +125,42 @@ def _walk(root: Path) -> Iterator[Path]:
         )
         for name in names:
             if not name.startswith(".") and (base / name).is_file():
-                yield (base / name).resolve()
+                yield base / name
+
+
+#: What marks a label as one of an image (not of a table, an index or a collection): PDS3
+#: image, JPEG2000 or cube pointers and objects, ISIS3's detached ``^Core``, PDS4 arrays.
+_IMAGE_LABEL = {
+    ".lbl": re.compile(
+        rb"\^(IMAGE|QUBE|SPECTRAL_QUBE|CORE)\b|OBJECT\s*=\s*(IMAGE|COMPRESSED_FILE)\b",
+        re.IGNORECASE,
+    ),
+    ".xml": re.compile(rb"<(\w+:)?Array_[23]D\w*[\s>]"),
+}
 
 
 def _is_label(path: Path) -> bool:
-    """A PDS3 ``.lbl``, or an ``.xml`` holding a PDS4 label (not an ``.aux.xml`` side-car)."""
+    """A PDS3 (or ISIS3) ``.lbl`` or a PDS4 ``.xml`` label describing an image.
+
+    Labels of tables, indexes or collections, ``.aux.xml`` side-cars and other XML are not.
+    """
     suffix = path.suffix.lower()
-    if suffix == ".lbl":
-        return True
-    if suffix != ".xml" or path.name.lower().endswith(".aux.xml"):
+    if suffix not in _IMAGE_LABEL or path.name.lower().endswith(".aux.xml"):
         return False
     try:
         with path.open("rb") as f:
-            head = f.read(4096)
+            head = f.read(1 << 20)
     except OSError as exc:
         raise CatalogReadError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return _PDS4_NAMESPACE.encode() in head
+    if suffix == ".xml" and _PDS4_NAMESPACE.encode() not in head:
+        return False
+    return _IMAGE_LABEL[suffix].search(head) is not None
 
 
 def file_item(path: Path, root: Path) -> tuple[Item, set[Path]]:
-    """Describe one image file (or label) as an item; also return the files it covers.
+    """Describe one image file (or label) below the folder ``root`` as an item.
+
+    Also returns the files the item covers (resolved): a label's data files, the file itself.
 
     Raises:
         CatalogReadError: see :func:`folder_items`.
@@ -170,15 +187,14 @@ def file_item(path: Path, root: Path) -> tuple[Item, set[Path]]:
         )
     check_body(path, driver, crs.to_wkt(), label)
     when, source = acquisition_time(path, driver, label, stamp)
-    rel = path.relative_to(root.resolve()).with_suffix("")
     item = raster_item(
-        rel.as_posix(),
-        {"image": {"href": str(path), "roles": ["data"]}},
+        path.relative_to(root).with_suffix("").as_posix(),
+        {"image": {"href": str(path.resolve()), "roles": ["data"]}},
         datetime=when,
         collection=path.parent.name,
         properties={"planetseg:datetime_source": source, "planetseg:format": driver},
     )
-    return item, parts | {path}
+    return item, parts | {path.resolve()}
 
 
 # --------------------------------------------------------------------------- labels

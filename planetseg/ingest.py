@@ -229,8 +229,22 @@ def _item_crs(item: Item, asset: str | None = None) -> str:
             return str(holder["proj:wkt2"])
     raise CRSError(
         f"item {item['id']!r} has no projection metadata (proj:code, proj:epsg or proj:wkt2): "
-        "add it to the item, or describe the files with a local catalog (a folder of COGs)"
+        "add it to the item, or describe the files with a local catalog (a folder of image files)"
     )
+
+
+def _distinct_crss(crss: Sequence[str]) -> list[str]:
+    """The CRSs of ``crss`` that differ, one text each (the first seen, in sorted order).
+
+    Equivalent CRSs written differently (GDAL names the CRS it builds from an ISIS3 or a PDS4
+    label its own way) count once.
+    """
+    out: list[str] = []
+    for text in sorted(set(crss)):
+        crs = parse_crs(text)
+        if not any(crs.equals(parse_crs(seen), ignore_axis_order=True) for seen in out):
+            out.append(text)
+    return out
 
 
 def _item_grid(item: Item, asset: str) -> tuple[tuple[float, ...], tuple[int, int]] | None:
@@ -310,11 +324,12 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
     body = same_body(crss, what="the items")
     target = parse_crs(config.crs) if config.crs else None
     if target is None:
-        distinct = sorted(set(crss))
+        distinct = _distinct_crss(crss)
         if len(distinct) > 1:
             raise InvalidArgumentError(
                 f"the items are in {len(distinct)} CRSs "
-                f"({', '.join(d[:40] for d in distinct[:3])}): choose the cube's with --crs"
+                f"({'; '.join(parse_crs(d).name[:60] for d in distinct[:3])}): choose the "
+                "cube's with --crs"
             )
         target = parse_crs(distinct[0])
     same_body([target, crss[0]], what="--crs and the items")

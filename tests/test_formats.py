@@ -170,7 +170,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Source]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Source]) -> Path:
-    """Nested folders holding one product of every format (and a side-car that is none)."""
+    """Nested folders: a product of every format, and a side-car and a table that are none."""
     root = tmp_path_factory.mktemp("archive")
     mars, moon = sources["mars"], sources["moon"]
     write_isis3(root / "mars/isis/cube.cub", mars, "2008-02-11T09:10:11.250")
@@ -181,6 +181,14 @@ def tree(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Source]) -
            moon.transform, **LOSSLESS_JP2)  # fmt: skip
     _write(root / "ctx_2014-03-01.tif", "GTiff", mars.pixels, mars.crs, mars.transform)
     (root / "ctx_2014-03-01.tif.aux.xml").write_text("<PAMDataset></PAMDataset>\n")
+    index = root / "mars" / "index"  # a PDS volume's index: a table, not an image
+    index.mkdir()
+    (index / "INDEX.TAB").write_text('"ESP_028335_1755_RED","2012-08-08T06:00:00"\r\n')
+    (index / "INDEX.LBL").write_text(
+        "PDS_VERSION_ID = PDS3\nRECORD_TYPE = FIXED_LENGTH\nRECORD_BYTES = 45\n"
+        '^INDEX_TABLE = "INDEX.TAB"\nOBJECT = INDEX_TABLE\n  ROWS = 1\n  COLUMNS = 2\n'
+        "END_OBJECT = INDEX_TABLE\nEND\n"
+    )
     return root
 
 
@@ -334,3 +342,18 @@ def test_two_files_of_one_product_name_are_refused(
     _write(tmp_path / "scene_2010-01-01.tif", "GTiff", mars.pixels, mars.crs, mars.transform)
     with pytest.raises(CatalogReadError, match=r"01\.cub and .*01\.tif would both be item"):
         search(SearchConfig(catalog=str(tmp_path)))
+
+
+def test_equivalent_crss_of_two_formats_make_one_cube(
+    sources: dict[str, Source], found: dict[str, dict], tmp_path: Path
+) -> None:
+    import xarray as xr
+
+    # GDAL names the CRS of an ISIS3 cube and of a PDS4 product differently; it is one CRS.
+    items = [found["mars/isis/cube"], found["mars/pds4/deeper/product"]]
+    assert items[0]["properties"]["proj:wkt2"] != items[1]["properties"]["proj:wkt2"]
+    ingest(items, IngestConfig(out=str(tmp_path / "cube.zarr"), tile=128))
+    image = xr.open_zarr(tmp_path / "cube.zarr")["image"].values
+    assert image.shape == (2, 1, SIZE, SIZE)
+    for step in image:
+        np.testing.assert_array_equal(step[0], sources["mars"].pixels)
