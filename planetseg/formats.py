@@ -157,6 +157,11 @@ def _is_label(path: Path) -> bool:
     return _IMAGE_LABEL[suffix].search(head) is not None
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether the file ``path`` is an image file or image label a local catalog takes."""
+    return path.is_file() and (path.suffix.lower() in RASTER_SUFFIXES or _is_label(path))
+
+
 def file_item(path: Path, root: Path) -> tuple[Item, set[Path]]:
     """Describe one image file (or label) below the folder ``root`` as an item.
 

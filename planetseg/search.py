@@ -36,7 +36,7 @@ from planetseg.errors import (
     InvalidArgumentError,
     PlanetsegWarning,
 )
-from planetseg.formats import folder_items
+from planetseg.formats import file_item, folder_items, is_image_file
 from planetseg.items import ITEM_SUFFIXES, Item, absolute_hrefs, isoformat, read_items
 
 logger = logging.getLogger(__name__)
@@ -348,6 +348,9 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
         "Catalog",
     ):
         yield from _walk_static(root, collections, set())
+        return
+    if is_image_file(root):
+        yield file_item(root, root.parent)[0]  # one scene: a .cub, a .LBL, a .jp2, ...
         return
     yield from read_items(root)
 

@@ -259,6 +259,14 @@ def test_search_finds_every_format_once_with_its_labels_body_crs_and_time(
     assert n == pytest.approx(np.degrees(6.4e5 / radius), abs=1e-6)
 
 
+def test_search_takes_one_image_file_as_a_catalog(tree: Path, found: dict[str, dict]) -> None:
+    hirise = search(SearchConfig(catalog=str(tree / "mars/hirise/ESP_028335_1755_RED.LBL")))
+    assert hirise.ids == ["ESP_028335_1755_RED"]
+    want = found["mars/hirise/ESP_028335_1755_RED"]
+    assert hirise.items[0]["properties"] == want["properties"]
+    assert hirise.items[0]["assets"] == want["assets"]
+
+
 def test_search_filters_the_tree_by_time_and_collection(tree: Path) -> None:
     found = search(SearchConfig(catalog=str(tree), datetime="2012-08"))
     assert found.ids == ["mars/hirise/ESP_028335_1755_RED", "mars/pds4/deeper/product"]
