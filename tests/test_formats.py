@@ -365,3 +365,19 @@ def test_equivalent_crss_of_two_formats_make_one_cube(
     assert image.shape == (2, 1, SIZE, SIZE)
     for step in image:
         np.testing.assert_array_equal(step[0], sources["mars"].pixels)
+
+
+def test_a_workflow_catalog_key_takes_the_archive_folder(tree: Path, tmp_path: Path) -> None:
+    from planetseg.run import plan_run
+    from planetseg.workflow import load_workflow
+
+    archive = tmp_path / "archive"
+    archive.symlink_to(tree / "mars", target_is_directory=True)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(
+        "catalog:\n  catalog: archive\n  datetime: 2012-08\ncube:\n  store: cube.zarr\n"
+        "steps:\n  ingest: {}\noutputs: out\n"
+    )
+    items, units = plan_run(load_workflow(flow))
+    assert [it["id"] for it in items] == ["hirise/ESP_028335_1755_RED", "pds4/deeper/product"]
+    assert [(u.step, u.unit) for u in units] == [("ingest", it["id"]) for it in items]
