@@ -91,11 +91,6 @@ def get_body(name: str) -> Body:
         raise CRSError(f"unknown body {name!r}: choose one of {', '.join(BODIES)}") from None
 
 
-@lru_cache(maxsize=256)
-def _body_of_text(text: str) -> Body:
-    return body_of_crs(parse_crs(text))
-
-
 def body_of_crs(crs: str | CRS) -> Body:
     """Return the body a CRS refers to.
 
@@ -106,8 +101,13 @@ def body_of_crs(crs: str | CRS) -> Body:
     Raises:
         CRSError: the body cannot be told from the CRS.
     """
-    if isinstance(crs, str):
-        return _body_of_text(crs)  # PROJ's authority lookup is slow: once per CRS text
+    # PROJ's authority lookup is slow (a database search for a WKT without an id): once per CRS.
+    return _body_of_text(crs.to_wkt() if isinstance(crs, CRS) else str(crs).strip())
+
+
+@lru_cache(maxsize=256)
+def _body_of_text(text: str) -> Body:
+    crs = parse_crs(text)
     auth = crs.to_authority(min_confidence=70) or crs.geodetic_crs.to_authority(min_confidence=70)
     if auth is not None:
         authority, code = auth

@@ -10,13 +10,13 @@ A folder with no STAC metadata is a catalog of its image files, searched recursi
 * JPEG2000 (``.jp2``) georeferenced by its own GeoJP2/GMLJP2 boxes.
 
 A label and the files it describes are one item, whose asset is the label (GDAL opens it and
-reads the data file it names); ``.aux.xml`` side-cars and other XML files are not items. The
-CRS is the one GDAL builds from the file's own label (map projection, target radii) and the
-body is the CRS's, cross-checked with the target the label names. The acquisition time is the
-label's start time where the format carries one (PDS3 ``START_TIME``, PDS4
-``start_date_time``, ISIS3 ``StartTime``), else the TIFF ``DateTime`` tag, else a date in the
-file name, never the file's modification time. A file that tells no body or no time is refused
-in one line naming it and what to add.
+reads the data file it names); ``.aux.xml`` side-cars, other XML files and the labels of
+tables or indexes are not items. The CRS is the one GDAL builds from the file's own label (map
+projection, target radii) and the body is the CRS's, cross-checked with the target the label
+names. The acquisition time is the label's start time where the format carries one (PDS3
+``START_TIME``, PDS4 ``start_date_time``, ISIS3 ``StartTime``), else the TIFF ``DateTime`` tag,
+else a date in the file name, never the file's modification time. A file that tells no map
+projection, no body or no time is refused in one line naming it and what to add.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from planetseg.items import Item, raster_item
 
 #: Suffixes of files that may be items on their own (lower case).
 RASTER_SUFFIXES = (".tif", ".tiff", ".cub", ".img", ".jp2")
-#: Suffixes of detached labels: a PDS3 ``.lbl`` or a PDS4 ``.xml`` (lower case).
+#: Suffixes of detached labels: a PDS3 (or ISIS3) ``.lbl`` or a PDS4 ``.xml`` (lower case).
 LABEL_SUFFIXES = (".lbl", ".xml")
 
 _PDS4_NAMESPACE = "pds.nasa.gov/pds4"

@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +223,8 @@ def raster_item(
             }
             for i in range(src.count)
         ]
-    from pyproj import CRS
-
     wkt = crs.to_wkt()
-    pcrs = CRS.from_wkt(wkt)
+    wkt2, auth = _wkt2_and_code(wkt)
     body = body_of_crs(wkt)
     lonlat = rasterio.crs.CRS.from_wkt(body.crs.to_wkt())
     # Densified footprint: straight lines in a projected CRS are curves in lon/lat.
@@ -233,12 +232,11 @@ def raster_item(
     lons, lats = rasterio.warp.transform(crs, lonlat, xs, ys)
     footprint = box(min(lons), min(lats), max(lons), max(lats))
     proj: dict[str, Any] = {
-        "proj:wkt2": pcrs.to_wkt(),
+        "proj:wkt2": wkt2,
         "proj:shape": list(shape),
         "proj:transform": list(transform)[:6],
         "proj:bbox": [bounds.left, bounds.bottom, bounds.right, bounds.top],
     }
-    auth = pcrs.to_authority(min_confidence=90)
     if auth is not None:
         proj["proj:code"] = f"{auth[0]}:{auth[1]}"
         if auth[0] == "EPSG":
@@ -268,6 +266,15 @@ def raster_item(
     if collection is not None:
         item["collection"] = collection
     return item
+
+
+@lru_cache(maxsize=256)
+def _wkt2_and_code(wkt: str) -> tuple[str, tuple[str, str] | None]:
+    """A CRS's WKT2 and authority code (PROJ's lookup is slow: once per CRS of a catalog)."""
+    from pyproj import CRS
+
+    crs = CRS.from_wkt(wkt)
+    return crs.to_wkt(), crs.to_authority(min_confidence=90)
 
 
 def _ring(bounds: rasterio.coords.BoundingBox, n: int) -> tuple[list[float], list[float]]:
