@@ -301,7 +301,7 @@ def test_cli_ingests_a_pds3_folder_and_refuses_mixed_bodies(tree: Path, tmp_path
     assert proc.returncode == 0, proc.stderr
     mixed = tmp_path / "mixed.zarr"
     proc = planetseg("ingest", str(tree), "--out", str(mixed), "--cluster", "none")
-    assert_one_line_error(proc, "mix bodies", "mars", "moon")
+    assert_one_line_error(proc, "mix bodies", "mars ('ctx_2014-03-01')", "moon ('moon/lroc_")
     assert not (mixed / "zarr.json").exists()
 
 
