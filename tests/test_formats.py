@@ -115,8 +115,10 @@ def write_pds4(path: Path, source: Source, start: str) -> None:
     path.write_text(nil.sub(f"<start_date_time>{start}</start_date_time>", text, count=1))
 
 
-def pds3_label(source: Source, *, image: str, extra: str = "", target: str | None = None) -> str:
-    """A detached PDS3 label for the raw 8-bit ``image`` beside it, as archives ship them."""
+def pds3_label(
+    source: Source, *, image: str, extra: str = "", target: str | None = None, records: int = SIZE
+) -> str:
+    """A PDS3 label of a raw 8-bit image: ``image`` is the pointer's value (a file, a record)."""
     a, e = source.transform.a, source.transform.e
     radius = source.crs.ellipsoid.semi_major_metre / 1000.0
     # GDAL places pixel (1, 1)'s centre at -(offset + 0.5) pixels from the projection origin.
@@ -124,7 +126,7 @@ def pds3_label(source: Source, *, image: str, extra: str = "", target: str | Non
     line_offset = source.transform.f / -e - 0.5
     return (
         "PDS_VERSION_ID = PDS3\nRECORD_TYPE = FIXED_LENGTH\n"
-        f'RECORD_BYTES = {SIZE}\nFILE_RECORDS = {SIZE}\n^IMAGE = "{image}"\n'
+        f"RECORD_BYTES = {SIZE}\nFILE_RECORDS = {records}\n^IMAGE = {image}\n"
         f"TARGET_NAME = {target or source.body.upper()}\n{extra}"
         f"OBJECT = IMAGE\n  LINES = {SIZE}\n  LINE_SAMPLES = {SIZE}\n"
         "  SAMPLE_TYPE = UNSIGNED_INTEGER\n  SAMPLE_BITS = 8\n  BANDS = 1\nEND_OBJECT = IMAGE\n"
@@ -144,7 +146,17 @@ def write_pds3(label: Path, source: Source, **kwargs: str) -> None:
     label.parent.mkdir(parents=True, exist_ok=True)
     image = label.with_suffix(".IMG")
     source.pixels.tofile(image)
-    label.write_text(pds3_label(source, image=image.name, **kwargs))
+    label.write_text(pds3_label(source, image=f'"{image.name}"', **kwargs))
+
+
+def write_pds3_attached(path: Path, source: Source, start: str) -> None:
+    """A PDS3 ``.IMG`` whose label fills its first records, as EDR/CDR archives ship them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = 8  # label records of SIZE bytes
+    time = f"START_TIME = {start}\nLABEL_RECORDS = {head}\n"
+    label = pds3_label(source, image=str(head + 1), extra=time, records=head + SIZE).encode()
+    assert len(label) <= head * SIZE
+    path.write_bytes(label.ljust(head * SIZE, b" ") + source.pixels.tobytes())
 
 
 def write_hirise(label: Path, source: Source, start: str) -> None:
@@ -155,7 +167,8 @@ def write_hirise(label: Path, source: Source, start: str) -> None:
         f'OBJECT = COMPRESSED_FILE\n  FILE_NAME = "{jp2.name}"\n  RECORD_TYPE = UNDEFINED\n'
         '  ENCODING_TYPE = "JP2"\n  INTERCHANGE_FORMAT = BINARY\nEND_OBJECT = COMPRESSED_FILE\n'
     )
-    text = pds3_label(source, image=label.with_suffix(".IMG").name, extra=f"START_TIME = {start}\n")
+    image = f'"{label.with_suffix(".IMG").name}"'
+    text = pds3_label(source, image=image, extra=f"START_TIME = {start}\n")
     label.write_text(text.replace("OBJECT = IMAGE\n", compressed + "OBJECT = IMAGE\n", 1))
 
 
@@ -177,6 +190,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Source]) -
     write_pds4(root / "mars/pds4/deeper/product.xml", mars, "2012-08-06T05:17:57Z")
     write_pds3(root / "mars/pds3/raw.LBL", mars, extra="START_TIME = 2010-045T12:30:00.000\n")
     write_hirise(root / "mars/hirise/ESP_028335_1755_RED.LBL", mars, "2012-08-08T06:00:00")
+    write_pds3_attached(root / "moon/edr/M123456789.IMG", moon, "2009-10-11T12:13:14.500")
     _write(root / "moon/lroc_2011-05-06.jp2", "JP2OpenJPEG", moon.pixels, moon.crs,
            moon.transform, **LOSSLESS_JP2)  # fmt: skip
     _write(root / "ctx_2014-03-01.tif", "GTiff", mars.pixels, mars.crs, mars.transform)
@@ -221,6 +235,8 @@ def _products(sources: dict[str, Source]) -> list[Product]:
         Product("mars/pds3/raw", mars, dt.datetime(2010, 2, 14, 12, 30, tzinfo=utc),
                 "pds-label", "PDS"),
         Product("mars/hirise/ESP_028335_1755_RED", mars, dt.datetime(2012, 8, 8, 6, tzinfo=utc),
+                "pds-label", "PDS"),
+        Product("moon/edr/M123456789", moon, dt.datetime(2009, 10, 11, 12, 13, 14, 500000, utc),
                 "pds-label", "PDS"),
         Product("moon/lroc_2011-05-06", moon, dt.datetime(2011, 5, 6, tzinfo=utc),
                 "file-name", "JP2OpenJPEG"),
@@ -273,8 +289,9 @@ def test_search_filters_the_tree_by_time_and_collection(tree: Path) -> None:
     assert search(SearchConfig(catalog=str(tree), collections=("pds3",))).ids == ["mars/pds3/raw"]
 
 
-@pytest.mark.parametrize("index", range(6), ids=[p.split("/")[-1] for p in (
-    "isis", "pds4", "pds3", "hirise", "jp2", "geotiff")])  # fmt: skip
+@pytest.mark.parametrize(
+    "index", range(7), ids=["isis3", "pds4", "pds3", "hirise", "pds3-attached", "jp2", "geotiff"]
+)
 def test_ingest_of_each_format_gives_the_files_pixels_in_its_bodys_crs(
     sources: dict[str, Source], found: dict[str, dict], tmp_path: Path, index: int
 ) -> None:
@@ -301,7 +318,9 @@ def test_cli_ingests_a_pds3_folder_and_refuses_mixed_bodies(tree: Path, tmp_path
     assert proc.returncode == 0, proc.stderr
     mixed = tmp_path / "mixed.zarr"
     proc = planetseg("ingest", str(tree), "--out", str(mixed), "--cluster", "none")
-    assert_one_line_error(proc, "mix bodies", "mars ('ctx_2014-03-01')", "moon ('moon/lroc_")
+    assert_one_line_error(
+        proc, "mix bodies", "mars ('ctx_2014-03-01')", "moon ('moon/edr/M123456789')"
+    )
     assert not (mixed / "zarr.json").exists()
 
 
