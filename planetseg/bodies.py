@@ -101,7 +101,13 @@ def body_of_crs(crs: str | CRS) -> Body:
     Raises:
         CRSError: the body cannot be told from the CRS.
     """
-    crs = parse_crs(crs)
+    # PROJ's authority lookup is slow (a database search for a WKT without an id): once per CRS.
+    return _body_of_text(crs.to_wkt() if isinstance(crs, CRS) else str(crs).strip())
+
+
+@lru_cache(maxsize=256)
+def _body_of_text(text: str) -> Body:
+    crs = parse_crs(text)
     auth = crs.to_authority(min_confidence=70) or crs.geodetic_crs.to_authority(min_confidence=70)
     if auth is not None:
         authority, code = auth

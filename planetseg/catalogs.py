@@ -7,7 +7,8 @@ A catalog argument is one of:
   names a catalog *and* its collection; aliases for data with no STAC collection (``lroc``)
   raise :class:`~planetseg.errors.NoStacCollectionError` with a pointer to local catalogs;
 * an ``http(s)://`` URL of any STAC API;
-* a **local path**: a folder (of item JSON files, a static catalog, or COGs), a ``catalog.json``
+* a **local path**: a folder (of item JSON files, a static catalog, or image files: see
+  :mod:`planetseg.formats`), a ``catalog.json``
   / ``collection.json``, or an items file (``.json``/``.geojson``/``.ndjson``/``.parquet``).
 """
 
@@ -168,7 +169,7 @@ ALIASES: dict[str, Alias] = {
             note=(
                 "LROC NAC/WAC images are served through the PDS (LROC data node), not a STAC API; "
                 "download them and search them as a local catalog: --catalog PATH (a folder of "
-                "COGs, a static STAC catalog, or an items file)"
+                "its PDS3 .IMG/.LBL files or GeoTIFFs, a static STAC catalog, or an items file)"
             ),
         ),
     )

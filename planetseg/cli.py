@@ -165,7 +165,10 @@ def catalogs() -> None:
         )
         aliases.add_row(a.name, a.world, target)
     out.print(aliases, "")
-    out.print("Any STAC API URL, or a local path (folder of COGs, static catalog, items file).")
+    out.print(
+        "Any STAC API URL, or a local path: a folder of image files (GeoTIFF, PDS3, PDS4, "
+        "ISIS3, JPEG2000; searched recursively), a static catalog or an items file."
+    )
 
 
 # --------------------------------------------------------------------------- search
@@ -229,10 +232,11 @@ def _print_items(items: list[dict[str, Any]]) -> None:
     table.add_column("bbox (lon/lat)", overflow="fold")
     for it in items[:50]:
         props = it.get("properties", {})
+        body = f" ({props['planetseg:body']})" if props.get("planetseg:body") else ""
         crs = props.get("proj:code") or (
             f"EPSG:{props['proj:epsg']}"
             if props.get("proj:epsg")
-            else "wkt2"
+            else f"wkt2{body}"
             if props.get("proj:wkt2")
             else ""
         )

@@ -41,13 +41,14 @@ from typing import Any
 import numpy as np
 
 from planetseg import __version__
-from planetseg.bodies import parse_crs, same_body
+from planetseg.bodies import Body, body_of_crs, parse_crs, same_body
 from planetseg.config import IngestConfig
 from planetseg.errors import (
     AssetReadError,
     CatalogReadError,
     CRSError,
     InvalidArgumentError,
+    MixedBodiesError,
     PlanetsegWarning,
     StoreMismatchError,
 )
@@ -229,8 +230,40 @@ def _item_crs(item: Item, asset: str | None = None) -> str:
             return str(holder["proj:wkt2"])
     raise CRSError(
         f"item {item['id']!r} has no projection metadata (proj:code, proj:epsg or proj:wkt2): "
-        "add it to the item, or describe the files with a local catalog (a folder of COGs)"
+        "add it to the item, or describe the files with a local catalog (a folder of image files)"
     )
+
+
+def _one_body(items: Sequence[Item], crss: Sequence[str]) -> Body:
+    """The body all items show.
+
+    Raises:
+        MixedBodiesError: they show several; the message names an item of each.
+    """
+    first: dict[str, str] = {}
+    for item, crs in zip(items, crss, strict=True):
+        first.setdefault(body_of_crs(crs).name, item["id"])
+    if len(first) > 1:
+        named = ", ".join(f"{name} ({item_id!r})" for name, item_id in sorted(first.items()))
+        raise MixedBodiesError(
+            f"the items mix bodies: {named}; ingest each body's items into a cube of its own "
+            "(search a folder of one body, or filter with --collection)"
+        )
+    return body_of_crs(crss[0])
+
+
+def _distinct_crss(crss: Sequence[str]) -> list[str]:
+    """The CRSs of ``crss`` that differ, one text each (the first seen, in sorted order).
+
+    Equivalent CRSs written differently (GDAL names the CRS it builds from an ISIS3 or a PDS4
+    label its own way) count once.
+    """
+    out: list[str] = []
+    for text in sorted(set(crss)):
+        crs = parse_crs(text)
+        if not any(crs.equals(parse_crs(seen), ignore_axis_order=True) for seen in out):
+            out.append(text)
+    return out
 
 
 def _item_grid(item: Item, asset: str) -> tuple[tuple[float, ...], tuple[int, int]] | None:
@@ -307,14 +340,15 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
                     f"{', '.join(item.get('assets', {}))}): choose --bands/--labels among them"
                 )
     crss = [_item_crs(it, asset_keys[0]) for it in items]
-    body = same_body(crss, what="the items")
+    body = _one_body(items, crss)
     target = parse_crs(config.crs) if config.crs else None
     if target is None:
-        distinct = sorted(set(crss))
+        distinct = _distinct_crss(crss)
         if len(distinct) > 1:
             raise InvalidArgumentError(
                 f"the items are in {len(distinct)} CRSs "
-                f"({', '.join(d[:40] for d in distinct[:3])}): choose the cube's with --crs"
+                f"({'; '.join(parse_crs(d).name[:60] for d in distinct[:3])}): choose the "
+                "cube's with --crs"
             )
         target = parse_crs(distinct[0])
     same_body([target, crss[0]], what="--crs and the items")

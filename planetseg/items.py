@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ Item = dict[str, Any]
 
 ITEM_SUFFIXES = (".json", ".geojson", ".ndjson", ".parquet")
 PROJECTION_SCHEMA = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
+#: Media types of the rasters GDAL drivers read. Formats without a registered one (PDS3, PDS4
+#: and ISIS3 labels) get none: their ``data`` role tells readers (odc-stac) they are rasters.
+MEDIA_TYPES = {
+    "GTiff": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "COG": "image/tiff; application=geotiff; profile=cloud-optimized",
+    "JP2OpenJPEG": "image/jp2",
+}
 
 
 def _suffix(path: Path) -> str:
@@ -201,11 +209,13 @@ def raster_item(
     ``projection_asset`` (default: the first asset). The CRS is written as ``proj:code`` when it
     has an authority code and always as ``proj:wkt2``, so readers that need either find it;
     ``proj:epsg`` is added for EPSG CRSs (stackstac reads only that). Geometry and ``bbox`` are
-    in the body's own longitude/latitude, never Earth's.
+    in the body's own longitude/latitude, never Earth's. Assets that carry no ``type`` get the
+    media type of the projection asset's format (:data:`MEDIA_TYPES`), where it has one.
     """
     key = projection_asset or next(iter(assets))
     with rasterio.open(assets[key]["href"]) as src:
         crs, transform, shape, bounds = src.crs, src.transform, (src.height, src.width), src.bounds
+        media_type = MEDIA_TYPES.get(src.driver)
         bands = [
             {
                 "data_type": src.dtypes[i],
@@ -213,22 +223,20 @@ def raster_item(
             }
             for i in range(src.count)
         ]
-    from pyproj import CRS
-
-    pcrs = CRS.from_wkt(crs.to_wkt())
-    body = body_of_crs(pcrs)
+    wkt = crs.to_wkt()
+    wkt2, auth = _wkt2_and_code(wkt)
+    body = body_of_crs(wkt)
     lonlat = rasterio.crs.CRS.from_wkt(body.crs.to_wkt())
     # Densified footprint: straight lines in a projected CRS are curves in lon/lat.
     xs, ys = _ring(bounds, 21)
     lons, lats = rasterio.warp.transform(crs, lonlat, xs, ys)
     footprint = box(min(lons), min(lats), max(lons), max(lats))
     proj: dict[str, Any] = {
-        "proj:wkt2": pcrs.to_wkt(),
+        "proj:wkt2": wkt2,
         "proj:shape": list(shape),
         "proj:transform": list(transform)[:6],
         "proj:bbox": [bounds.left, bounds.bottom, bounds.right, bounds.top],
     }
-    auth = pcrs.to_authority(min_confidence=90)
     if auth is not None:
         proj["proj:code"] = f"{auth[0]}:{auth[1]}"
         if auth[0] == "EPSG":
@@ -237,7 +245,7 @@ def raster_item(
     props.update(properties or {})
     out_assets = {}
     for k, asset in assets.items():
-        a = {"type": "image/tiff; application=geotiff; profile=cloud-optimized", **asset}
+        a = {**({"type": media_type} if media_type else {}), **asset}
         if k == key:
             a.setdefault("raster:bands", bands)
         out_assets[k] = a
@@ -258,6 +266,15 @@ def raster_item(
     if collection is not None:
         item["collection"] = collection
     return item
+
+
+@lru_cache(maxsize=256)
+def _wkt2_and_code(wkt: str) -> tuple[str, tuple[str, str] | None]:
+    """A CRS's WKT2 and authority code (PROJ's lookup is slow: once per CRS of a catalog)."""
+    from pyproj import CRS
+
+    crs = CRS.from_wkt(wkt)
+    return crs.to_wkt(), crs.to_authority(min_confidence=90)
 
 
 def _ring(bounds: rasterio.coords.BoundingBox, n: int) -> tuple[list[float], list[float]]:

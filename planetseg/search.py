@@ -36,21 +36,13 @@ from planetseg.errors import (
     InvalidArgumentError,
     PlanetsegWarning,
 )
-from planetseg.items import (
-    ITEM_SUFFIXES,
-    Item,
-    absolute_hrefs,
-    isoformat,
-    raster_item,
-    read_items,
-)
+from planetseg.formats import file_item, folder_items, is_image_file
+from planetseg.items import ITEM_SUFFIXES, Item, absolute_hrefs, isoformat, read_items
 
 logger = logging.getLogger(__name__)
 
 BBox = tuple[float, float, float, float]
 Interval = tuple[dt.datetime | None, dt.datetime | None]
-
-RASTER_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -347,21 +339,18 @@ def _local_items(root: Path, collections: set[str]) -> Iterator[Item]:
             for path in item_files:
                 yield from read_items(path)  # relative hrefs resolved against the file
             return
-        # No STAC metadata: the GeoTIFFs themselves are the catalog (an LROC download, say).
-        # Where metadata exists the GeoTIFFs beside it are its assets, not items.
-        rasters = [p for p in files if p.suffix.lower() in RASTER_SUFFIXES]
-        if not rasters:
-            raise CatalogReadError(
-                f"local catalog {root} holds no STAC items, items files or GeoTIFFs"
-            )
-        for path in rasters:
-            yield _cog_item(path)
+        # No STAC metadata: the image files of the tree are the catalog (an LROC or HiRISE
+        # download, say). Where metadata exists the files beside it are its assets, not items.
+        yield from folder_items(root)
         return
     if root.suffix.lower() in ITEM_SUFFIXES and _peek(root).get("type") in (
         "Collection",
         "Catalog",
     ):
         yield from _walk_static(root, collections, set())
+        return
+    if is_image_file(root):
+        yield file_item(root, root.parent)[0]  # one scene: a .cub, a .LBL, a .jp2, ...
         return
     yield from read_items(root)
 
@@ -409,67 +398,6 @@ def _walk_static(path: Path, collections: set[str], seen: set[Path]) -> Iterator
             if doc.get("type") == "Collection":
                 item.setdefault("collection", doc.get("id"))
             yield absolute_hrefs(item, target.parent)
-
-
-def _cog_item(path: Path) -> Item:
-    """Describe a GeoTIFF found in a folder as an item of a collection named after the folder.
-
-    Raises:
-        CatalogReadError: the file cannot be opened, or tells no acquisition time.
-    """
-    import rasterio
-
-    try:
-        with rasterio.open(path) as src:
-            stamp = src.tags().get("TIFFTAG_DATETIME")
-    except rasterio.errors.RasterioIOError as exc:
-        raise CatalogReadError(f"cannot read {path}: {_one_line(exc)}") from exc
-    when, source = _cog_time(path, stamp)
-    return raster_item(
-        path.stem,
-        {"image": {"href": str(path.resolve()), "roles": ["data"]}},
-        datetime=when,
-        collection=path.parent.resolve().name,
-        properties={"planetseg:datetime_source": source},
-    )
-
-
-#: Dates in file names: 2014-03-01, 2014-03-01T12:00:00 (or 12-00-00), 20140301, 20140301T120000.
-_NAME_DATES = (
-    re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?:[T_ ](\d{2})[:-]?(\d{2})[:-]?(\d{2}))?(?!\d)"),
-    re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?:T(\d{2})(\d{2})(\d{2}))?(?!\d)"),
-)
-
-
-def _cog_time(path: Path, stamp: str | None) -> tuple[dt.datetime, str]:
-    """A GeoTIFF's acquisition time and where it came from: its DateTime tag, else its name.
-
-    Never the file's modification time: copies made on one day would merge into one epoch.
-
-    Raises:
-        CatalogReadError: neither the tag nor the name holds a date.
-    """
-    if stamp:
-        try:
-            when = dt.datetime.strptime(stamp.strip(), "%Y:%m:%d %H:%M:%S")
-            return when.replace(tzinfo=dt.UTC), "tiff-datetime"
-        except ValueError:
-            pass  # a malformed tag: the name may still tell
-    for pattern in _NAME_DATES:
-        for match in pattern.finditer(path.name):
-            parts = [int(v) for v in match.groups(default="0")]
-            try:
-                when = dt.datetime(*parts, tzinfo=dt.UTC)  # type: ignore[misc]
-            except ValueError:
-                continue  # 8 digits that are not a date (an orbit number, say)
-            if 1900 <= when.year <= 2200:
-                return when, "file-name"
-    bad = f" (its DateTime tag {stamp!r} is not 'YYYY:MM:DD HH:MM:SS')" if stamp else ""
-    raise CatalogReadError(
-        f"{path} tells no acquisition time{bad}: set its TIFF DateTime tag (gdal_edit.py -mo "
-        "TIFFTAG_DATETIME='2014:03:01 12:00:00'), put the date in its name "
-        "(scene_2014-03-01.tif), or describe the files with a STAC items file"
-    )
 
 
 # --------------------------------------------------------------------------- filters
