@@ -23,7 +23,6 @@ craters.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from affine import Affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu  # noqa: E402
 from planetseg import craters as C  # noqa: E402
 from planetseg.products import to_lonlat  # noqa: E402
 from planetseg.synthetic import CLASSES, SynthConfig, synthesize  # noqa: E402
@@ -215,11 +215,7 @@ def ctx_bench(method: str, kind: str, ctx: tuple, rng: np.random.Generator) -> d
 
 
 def main() -> None:
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "?"
-    )
-    print(f"CPU: {model}")
+    print(f"CPU: {cpu()}")
     ctx = ctx_raster()
     with tempfile.TemporaryDirectory() as tmp:
         worlds = [

@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
+from benchmarks.machine import cpu  # noqa: E402
 from planetseg import bodies, formats  # noqa: E402
 from planetseg import items as items_module  # noqa: E402
 from planetseg.config import IngestConfig, SearchConfig  # noqa: E402
@@ -40,16 +40,6 @@ from tests.test_formats import (  # noqa: E402
     write_pds3,
     write_pds4,
 )
-
-
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def writers(mars: Source) -> dict[str, Callable[[Path, int], None]]:

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from typing import Any  # noqa: E402
 
+from benchmarks.machine import cpu  # noqa: E402
 from tests.servers import GDAL_LOOPBACK_ENV, RangeFileServer, rebase_hrefs  # noqa: E402
 
 # Before GDAL or Dask workers start: environment variables reach every thread and every worker
@@ -143,16 +144,10 @@ def run_ceiling(hrefs: list[str], threads: int = 2) -> int:
 
 def machine_facts() -> dict[str, str]:
     """nproc, CPU model, load, and the versions that matter."""
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     facts = {
         "nproc": str(os.cpu_count()),
-        "cpu": model,
+        "cpu": cpu(),
         "loadavg (1/5/15 min)": load,
         "python": platform.python_version(),
         "gdal": rasterio.__gdal_version__,

@@ -13,24 +13,17 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
+from benchmarks.machine import cpu  # noqa: E402
 
 FLOW = """\
 catalog:
