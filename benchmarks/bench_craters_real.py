@@ -69,11 +69,13 @@ MARS_KM = 3396.19
 #: The previous defaults of ``train`` (before the crater recipe).
 PREVIOUS = ["--class-weights", "balanced", "--loss", "ce", "--foreground-windows", "0",
             "--augment", "none"]  # fmt: skip
+#: Every run: the LR parts are made by ``ingest --resampling average`` (a box average, no
+#: PSF), so training degrades the same way (README: match the degradation to the LR product).
+COMMON = ["--psf-sigma", "0"]
 #: Screening: one choice at a time from the previous defaults, then combined (a repeated
 #: option's last value wins).
 SCREEN = {
     "previous": [],
-    "weights none": ["--class-weights", "none"],
     "weights sqrt": ["--class-weights", "sqrt"],
     "sqrt + dice": ["--class-weights", "sqrt", "--loss", "ce+dice"],
     "sqrt + fg 0.5": ["--class-weights", "sqrt", "--foreground-windows", "0.5"],
@@ -82,7 +84,7 @@ SCREEN = {
                                  "--foreground-windows", "0.5", "--augment", "photometric"],
 }  # fmt: skip
 #: The ablation's arms (with the new recipe); ``hr`` is scored on bicubic-upsampled LR input.
-ABLATION = {"dsrl": [], "seg-only": ["--no-sr"], "hr": ["--scale", "1", "--psf-sigma", "0"]}
+ABLATION = {"dsrl": [], "seg-only": ["--no-sr"], "hr": ["--scale", "1"]}
 
 
 def cli(*args: str | Path) -> None:
@@ -121,6 +123,7 @@ class Scene:
         limit_km: Completeness limit of the reference (totals count craters >= this).
         train: Training cube (native grid, crater labels), or None to use CTX's model.
         val: The training cube's validation strip as LR test parts (screening only).
+        val_columns: Columns of the training cube that train holds out for validation.
         tests: The test parts.
     """
 
@@ -128,6 +131,7 @@ class Scene:
     limit_km: float
     train: Path | None
     val: list[TestPart] = field(default_factory=list)
+    val_columns: slice | None = None
     tests: list[TestPart] = field(default_factory=list)
 
 
@@ -176,6 +180,7 @@ def ctx_scene(work: Path, crop: int) -> Scene:
         "ctx",
         1.0,
         train,
+        val_columns=slice(cut, None),
         val=[
             TestPart(
                 _lr_part(work, catalog, "ctx-val-lr", val_box, 2 * px),
@@ -227,7 +232,7 @@ def train_run(work: Path, seed: int, flags: list[str], args) -> Path:  # noqa: A
     start = time.perf_counter()
     cli("train", work / "ctx-train.zarr", "--out", out, "--steps", args.steps,
         "--batch-size", args.batch, "--crop", args.crop, "--seed", seed, "--val-every",
-        args.steps, "--checkpoint-every", args.steps, "--torch-threads", 1, *flags)  # fmt: skip
+        args.steps, "--checkpoint-every", args.steps, "--torch-threads", 1, *COMMON, *flags)  # fmt: skip
     print(f"  trained {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return out / "model"
 
@@ -313,12 +318,15 @@ def binned(parts: list[dict]) -> dict[str, dict]:
     return total
 
 
-def pixel_pr(model: Path) -> tuple[float, float]:
-    """Crater-pixel precision and recall on train's validation strip (the model card)."""
-    card = json.loads((model / "model.json").read_text())
-    cm = np.array(card["training"]["metrics"]["confusion"])
-    tp = cm[1:, 1:].sum()
-    return tp / max(cm[:, 1:].sum(), 1), tp / max(cm[1:, :].sum(), 1)
+def pixel_pr(labels: Path, truth: np.ndarray) -> tuple[float, float]:
+    """Crater-pixel precision and recall of a labels store against the true labels."""
+    from planetseg.products import LabelsStore
+
+    pred = LabelsStore.open(labels).read(0) > 0
+    h, w = min(pred.shape[0], truth.shape[0]), min(pred.shape[1], truth.shape[1])
+    pred, true = pred[:h, :w], truth[:h, :w] > 0
+    tp = (pred & true).sum()
+    return tp / max(pred.sum(), 1), tp / max(true.sum(), 1)
 
 
 def print_bins(title: str, arms: dict[str, list[dict]], limit_km: float, px_km: float) -> None:
@@ -422,9 +430,17 @@ def main() -> None:
         print(f"\n{scene.name}: >= {scene.limit_km:g} km totals over seeds {args.seeds}")
         summary(results, scene.limit_km)
         if args.screen and scene.name == "ctx":
-            print("\ncrater-pixel precision / recall on train's validation strip (model card):")
+            import xarray as xr
+
+            truth = xr.open_zarr(scene.train, consolidated=False)["labels"].values
+            truth = truth.reshape(-1, *truth.shape[-2:])[0][:, scene.val_columns]
+            print("\ncrater-pixel precision / recall on train's validation strip:")
             for arm in arms:
-                pr = [pixel_pr(models[(arm, s)]) for s in args.seeds]
+                pr = [
+                    pixel_pr(work / "scores" / slug(f"{arm}-s{s}-ctx-val-lr") / "labels.zarr",
+                             truth)
+                    for s in args.seeds
+                ]  # fmt: skip
                 print(f"  {arm:28s} P {100 * np.mean([p for p, _ in pr]):.1f} "
                       f"R {100 * np.mean([r for _, r in pr]):.1f}")  # fmt: skip
         totals[scene.name] = {
