@@ -230,9 +230,10 @@ def train_run(work: Path, seed: int, flags: list[str], args) -> Path:  # noqa: A
         return out / "model"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    cli("train", work / "ctx-train.zarr", "--out", out, "--steps", args.steps,
-        "--batch-size", args.batch, "--crop", args.crop, "--seed", seed, "--val-every",
-        args.steps, "--checkpoint-every", args.steps, "--torch-threads", 1, *COMMON, *flags)  # fmt: skip
+    budget = ["--steps", args.steps, "--batch-size", args.batch, "--crop", args.crop]
+    every = ["--val-every", args.steps, "--checkpoint-every", args.steps]
+    cli("train", work / "ctx-train.zarr", "--out", out, *budget, "--seed", seed, *every,
+        "--torch-threads", 1, *COMMON, *flags)  # fmt: skip
     print(f"  trained {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return out / "model"
 
