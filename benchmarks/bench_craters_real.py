@@ -225,7 +225,8 @@ def slug(text: str) -> str:
 def train_run(work: Path, seed: int, flags: list[str], args) -> Path:  # noqa: ANN001
     """Train one model (or reuse a finished one in ``work``); return its model folder."""
     # Keyed by the flags, so arms with the same settings (in any mode) share one run.
-    out = work / "runs" / f"ctx-{slug(' '.join(flags)) or 'train-defaults'}-s{seed}"
+    name = slug(" ".join(flags)) or "train-defaults"
+    out = work / "runs" / f"ctx-{name}-{args.steps}x{args.batch}x{args.crop}-s{seed}"
     if (out / "model" / "model.json").exists():
         return out / "model"
     shutil.rmtree(out, ignore_errors=True)
@@ -417,7 +418,7 @@ def main() -> None:
             for seed in args.seeds:
                 up = args.ablation and arm == "hr"
                 model = models[(arm, seed)]
-                parts = [score_part(work, model, p, slug(f"{arm}-s{seed}"), up) for p in parts_of]
+                parts = [score_part(work, model, p, model.parent.name, up) for p in parts_of]
                 results.setdefault(arm, []).append(parts)
         where = "validation strip of the training part" if args.screen else "test part"
         for i, seed in enumerate(args.seeds):
@@ -438,8 +439,8 @@ def main() -> None:
             print("\ncrater-pixel precision / recall on train's validation strip:")
             for arm in arms:
                 pr = [
-                    pixel_pr(work / "scores" / slug(f"{arm}-s{s}-ctx-val-lr") / "labels.zarr",
-                             truth)
+                    pixel_pr(work / "scores" / f"{models[(arm, s)].parent.name}-ctx-val-lr"
+                             / "labels.zarr", truth)
                     for s in args.seeds
                 ]  # fmt: skip
                 print(f"  {arm:28s} P {100 * np.mean([p for p, _ in pr]):.1f} "

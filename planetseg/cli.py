@@ -478,7 +478,7 @@ def train(
             help="Cross-entropy weights: median-frequency balanced, its square root, or none.",
             rich_help_panel=TRAINING,
         ),
-    ] = "balanced",
+    ] = "sqrt",
     loss: Annotated[
         str,
         typer.Option(
@@ -501,7 +501,7 @@ def train(
             help="Jitter each window's gamma, contrast and brightness (photometric).",
             rich_help_panel=TRAINING,
         ),
-    ] = "none",
+    ] = "photometric",
     psf_sigma: Annotated[
         float,
         typer.Option(

@@ -395,10 +395,10 @@ class TrainConfig:
     w_sr: float = 0.1
     w_fa: float = 1.0
     fa_subsample: int = 8
-    class_weights: str = "balanced"
+    class_weights: str = "sqrt"
     loss: str = "ce"
     foreground_windows: float = 0.0
-    augment: str = "none"
+    augment: str = "photometric"
     width: int = 16
     depth: int = 3
     head_channels: int = 16
