@@ -20,7 +20,7 @@ crater F1 on the test world (``planetseg.craters.extract`` on its predicted labe
 matching against the world's true craters mask) is printed with its IoU.
 
     python benchmarks/bench_ablation.py [--steps 300] [--seeds 0 1 2] [--scales 2 4] [--jobs 2]
-        [--arms seg sr dsrl hr] [--previous] [--out scores.json]
+        [--arms seg sr dsrl hr] [--previous] [--psf-sigma 0.5] [--out scores.json]
 """
 
 from __future__ import annotations
@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--arms", nargs="+", default=[*ARMS, "hr"], choices=[*ARMS, "hr"])
     parser.add_argument("--previous", action="store_true", help="the pre-recipe defaults")
+    parser.add_argument(
+        "--psf-sigma", type=float, default=0.5, help="0 matches the crater F1's averaged scenes"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--out", type=Path, help="write all scores as JSON")
     args = parser.parse_args()
@@ -131,6 +134,7 @@ def main() -> None:
         "batch_size": args.batch,
         "crop": args.crop,
         "threads": 1,
+        "psf_sigma": args.psf_sigma,
         **(PREVIOUS if args.previous else {}),
     }
     hr = [("hr", 1, seed, str(cube), str(test), opts, world, None) for seed in args.seeds]

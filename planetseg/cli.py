@@ -456,7 +456,7 @@ def train(
             rich_help_panel=MODEL,
         ),
     ] = False,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.", rich_help_panel=TRAINING)] = 300,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.", rich_help_panel=TRAINING)] = 900,
     batch_size: Annotated[
         int, typer.Option(help="Windows per step, over all processes.", rich_help_panel=TRAINING)
     ] = 8,

@@ -387,7 +387,7 @@ class TrainConfig:
 
     out: str
     scale: int = 2
-    steps: int = 300
+    steps: int = 900
     batch_size: int = 8
     crop: int = 128
     lr: float = 2e-3
