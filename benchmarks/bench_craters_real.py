@@ -32,9 +32,11 @@ Modes:
   paired per seed, per size bin. SR-only is not a training mode: it is scored as the LR
   input upsampled 2x (bicubic) into a segmenter trained on the HR imagery (``--scale 1``).
 
-Budget: a step (batch 8 of 128 px) is about 1 s on one core; ``--jobs 2`` trains two runs at
-once. ``--steps 300 --seeds 0`` takes about 15 minutes; the full run documented in
-docs/crater-recipe.md is ``--steps 600 --seeds 0 1 2 --ablation``.
+Budget: a step (batch 8 of 128 px) takes 0.4-1 s on one core (more when runs share the cores);
+``--jobs 2`` trains two runs at once. ``--steps 300 --seeds 0`` takes about 15 minutes. The
+runs documented in docs/crater-recipe.md are ``--screen --scenes ctx``, ``--steps 900``,
+``--steps 300 --seeds 0 1 2`` and ``--ablation --steps 300 --seeds 0 1 2`` (one ``--work``
+folder, so the modes share cubes and runs).
 
     python benchmarks/bench_craters_real.py [--scenes ctx themis] [--steps 300] [--seeds 0]
         [--jobs 2] [--screen] [--ablation] [--work DIR] [--out scores.json]
@@ -344,7 +346,7 @@ def print_bins(title: str, arms: dict[str, list[dict]], limit_km: float, px_km: 
             b = binned(parts)[name]
             row += f"{100 * b['precision']:8.1f}{100 * b['recall']:8.1f}{100 * b['f1']:8.1f}  "
         print(row + f"  (n_ref {binned(next(iter(arms.values())))[name]['reference']})")
-    row = f"{f'>= {limit_km:g} km total':24s}"
+    row = f"{f'>= {limit_km:g} km ({limit_km / px_km:.1f} px)':24s}"
     for parts in arms.values():
         a = above(parts, limit_km)
         row += f"{100 * a['precision']:8.1f}{100 * a['recall']:8.1f}{100 * a['f1']:8.1f}  "
