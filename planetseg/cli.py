@@ -460,7 +460,7 @@ def train(
             rich_help_panel=MODEL,
         ),
     ] = False,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.", rich_help_panel=TRAINING)] = 300,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.", rich_help_panel=TRAINING)] = 900,
     batch_size: Annotated[
         int, typer.Option(help="Windows per step, over all processes.", rich_help_panel=TRAINING)
     ] = 8,
@@ -478,11 +478,34 @@ def train(
     class_weights: Annotated[
         str,
         typer.Option(
-            metavar="balanced|none",
-            help="Cross-entropy weights: median-frequency balanced, or none.",
+            metavar="balanced|sqrt|none",
+            help="Cross-entropy weights: median-frequency balanced, its square root, or none.",
             rich_help_panel=TRAINING,
         ),
-    ] = "balanced",
+    ] = "sqrt",
+    loss: Annotated[
+        str,
+        typer.Option(
+            metavar="ce|ce+dice",
+            help="Segmentation loss: cross-entropy, or plus the foreground classes' Dice.",
+            rich_help_panel=TRAINING,
+        ),
+    ] = "ce",
+    foreground_windows: Annotated[
+        float,
+        typer.Option(
+            help="Share of training windows centred on a labelled (non-background) pixel.",
+            rich_help_panel=TRAINING,
+        ),
+    ] = 0.0,
+    augment: Annotated[
+        str,
+        typer.Option(
+            metavar="none|photometric",
+            help="Jitter each window's gamma, contrast and brightness (photometric).",
+            rich_help_panel=TRAINING,
+        ),
+    ] = "photometric",
     psf_sigma: Annotated[
         float,
         typer.Option(
@@ -535,6 +558,9 @@ def train(
         w_sr=w_sr,
         w_fa=w_fa,
         class_weights=class_weights,
+        loss=loss,
+        foreground_windows=foreground_windows,
+        augment=augment,
         psf_sigma=psf_sigma,
         noise=noise,
         width=width,

@@ -21,7 +21,11 @@ GROUPBY = ("day", "time", "id", "solar_day")
 #: Values of ``--engine``.
 ENGINES = ("odc", "stackstac")
 #: Values of ``--class-weights``.
-CLASS_WEIGHTS = ("balanced", "none")
+CLASS_WEIGHTS = ("balanced", "sqrt", "none")
+#: Values of ``--loss``.
+LOSSES = ("ce", "ce+dice")
+#: Values of ``--augment``.
+AUGMENTS = ("none", "photometric")
 #: Output/input resolution ratios the network supports (1: the HR-input baseline).
 SCALES = (1, 2, 4)
 #: Largest ``--tile``: beyond it a tile is no longer a unit of work (see also the memory check
@@ -380,7 +384,14 @@ class TrainConfig:
         w_fa: Weight of the feature-affinity loss.
         fa_subsample: Average-pooling factor before the affinity matrices (paper: 8).
         class_weights: ``balanced`` weighs the cross-entropy by median-frequency balancing
-            of the training strip's labels; ``none`` leaves it unweighted.
+            of the training strip's labels, ``sqrt`` by the square root of those weights
+            (between the two), ``none`` leaves it unweighted.
+        loss: ``ce`` (cross-entropy) or ``ce+dice`` (plus the soft Dice loss of the
+            foreground classes, which rewards overlap of small rare objects).
+        foreground_windows: Share of the training windows centred on a random foreground
+            (non-zero label) pixel instead of anywhere (0..1).
+        augment: ``photometric`` jitters each HR window's brightness, contrast and gamma
+            before the degradation (real imagery differs in stretch); ``none`` does not.
         width: Channels of the first encoder level.
         depth: Encoder levels.
         head_channels: Channels of the decoders' HR features.
@@ -397,7 +408,7 @@ class TrainConfig:
 
     out: str
     scale: int = 2
-    steps: int = 300
+    steps: int = 900
     batch_size: int = 8
     crop: int = 128
     lr: float = 2e-3
@@ -405,7 +416,10 @@ class TrainConfig:
     w_sr: float = 0.1
     w_fa: float = 1.0
     fa_subsample: int = 8
-    class_weights: str = "balanced"
+    class_weights: str = "sqrt"
+    loss: str = "ce"
+    foreground_windows: float = 0.0
+    augment: str = "photometric"
     width: int = 16
     depth: int = 3
     head_channels: int = 16
@@ -439,6 +453,15 @@ class TrainConfig:
         _number_in("--w-fa", self.w_fa, "give a loss weight >= 0", low=0)
         _int_at_least("fa_subsample", self.fa_subsample, 1, "give a pooling factor >= 1")
         _one_of("--class-weights", self.class_weights, CLASS_WEIGHTS)
+        _one_of("--loss", self.loss, LOSSES)
+        _number_in(
+            "--foreground-windows",
+            self.foreground_windows,
+            "give a share of the windows in 0..1",
+            low=0,
+            high=1,
+        )
+        _one_of("--augment", self.augment, AUGMENTS)
         _number_in("--psf-sigma", self.psf_sigma, "give a sigma >= 0 LR pixels", low=0)
         _number_in("--noise", self.noise, "give a noise level >= 0", low=0)
         _number_in(

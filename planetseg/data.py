@@ -111,6 +111,17 @@ class CubeData:
         weights[present] = np.median(freq[present]) / freq[present]
         return weights
 
+    def loss_weights(self, kind: str, columns: slice) -> np.ndarray | None:
+        """Cross-entropy weights of ``--class-weights kind`` over ``columns`` (None: unweighted).
+
+        ``balanced`` is :meth:`class_weights`; ``sqrt`` its square root, which halves the
+        boost of rare classes on a log scale (balanced over-paints them, none misses them).
+        """
+        if kind == "none":
+            return None
+        weights = self.class_weights(columns)
+        return np.sqrt(weights) if kind == "sqrt" else weights
+
     def band_stats(self, columns: slice) -> tuple[list[float], list[float]]:
         """Per-band mean and standard deviation over ``columns`` of every time step."""
         sub = self.image[..., columns]
@@ -223,9 +234,17 @@ def spatial_split(width: int, val_fraction: float, *, multiple: int) -> Split:
 
 
 class WindowSampler:
-    """Random HR windows from the training strip; batch = f(seed, step, rank) only."""
+    """Random HR windows from the training strip; batch = f(seed, step, rank) only.
 
-    def __init__(self, data: CubeData, split: Split, *, crop: int, seed: int) -> None:
+    With ``foreground`` > 0 that share of the windows (drawn per window) is centred on a random
+    foreground pixel (label != 0) of the training strip, clipped to fit, so rare small objects
+    are seen often enough; the rest are uniform. The foreground pixels are listed once, in a
+    fixed order, so batches stay a pure function of (seed, step, rank).
+    """
+
+    def __init__(
+        self, data: CubeData, split: Split, *, crop: int, seed: int, foreground: float = 0.0
+    ) -> None:
         _, _, height, _ = data.image.shape
         width = split.train.stop - split.train.start
         if crop > height or crop > width:
@@ -234,6 +253,13 @@ class WindowSampler:
                 "lower --crop"
             )
         self.data, self.split, self.crop, self.seed = data, split, crop, seed
+        self.foreground = foreground
+        self.centres = np.zeros((0, 3), np.int64)
+        if foreground > 0:
+            # Every 4th foreground pixel per axis is plenty to centre windows on, and bounded.
+            sub = data.labels[:, ::4, split.train][..., ::4]
+            t, y, x = np.nonzero(sub)
+            self.centres = np.stack([t, 4 * y, split.train.start + 4 * x], axis=1)
 
     def batch(self, step: int, rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         """HR images (size, bands, crop, crop) float32 and labels (size, crop, crop) int64."""
@@ -243,6 +269,14 @@ class WindowSampler:
         t = rng.integers(0, n_t, size)
         y = rng.integers(0, height - c + 1, size)
         x = rng.integers(self.split.train.start, self.split.train.stop - c + 1, size)
+        if len(self.centres):
+            on = rng.random(size) < self.foreground
+            pick = self.centres[rng.integers(0, len(self.centres), size)]
+            jitter = rng.integers(-(c // 4), c // 4 + 1, (size, 2))  # not always dead centre
+            t = np.where(on, pick[:, 0], t)
+            y = np.where(on, np.clip(pick[:, 1] + jitter[:, 0] - c // 2, 0, height - c), y)
+            low, high = self.split.train.start, self.split.train.stop - c
+            x = np.where(on, np.clip(pick[:, 2] + jitter[:, 1] - c // 2, low, high), x)
         flips = rng.integers(0, 8, size)  # the dihedral group: any rotation/reflection
         images, labels = [], []
         for ti, yi, xi, f in zip(t, y, x, flips, strict=True):
@@ -251,6 +285,38 @@ class WindowSampler:
             images.append(_dihedral(img, f))
             labels.append(_dihedral(lab, f))
         return np.stack(images), np.stack(labels)
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """Random gamma, contrast and brightness of normalised HR windows (real-imagery stretch).
+
+    Per window: its values are mapped to 0..1 (window minimum..maximum), raised to ``gamma``
+    (log-uniform in ``[1/g, g]``) and mapped back, then scaled about the window mean by
+    ``contrast`` (uniform in ``1 +/- c``) and shifted by ``brightness`` (uniform in ``+/- b``,
+    normalised units). Drawn from the step's generator: a pure function of (seed, step, rank).
+
+    Attributes:
+        brightness: Largest offset ``b``.
+        contrast: Largest relative contrast change ``c``.
+        gamma: Largest gamma factor ``g`` (>= 1).
+    """
+
+    brightness: float = 0.3
+    contrast: float = 0.3
+    gamma: float = 1.5
+
+    def __call__(self, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, C, H, W) normalised HR windows -> jittered windows of the same shape."""
+        u = torch.rand((3, hr.shape[0], 1, 1, 1), generator=generator, dtype=hr.dtype)
+        gamma = self.gamma ** (2 * u[0] - 1)
+        contrast = 1 + self.contrast * (2 * u[1] - 1)
+        offset = self.brightness * (2 * u[2] - 1)
+        low = hr.amin(dim=(1, 2, 3), keepdim=True)
+        span = (hr.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
+        x = low + span * ((hr - low) / span).clamp(0, 1).pow(gamma)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return mean + offset + contrast * (x - mean)
 
 
 def _dihedral(a: np.ndarray, k: int) -> np.ndarray:

@@ -40,7 +40,15 @@ import torch
 from torch import distributed as dist
 
 from planetseg.config import TrainConfig
-from planetseg.data import CubeData, Degradation, Split, WindowSampler, open_cube, spatial_split
+from planetseg.data import (
+    CubeData,
+    Degradation,
+    Photometric,
+    Split,
+    WindowSampler,
+    open_cube,
+    spatial_split,
+)
 from planetseg.errors import CheckpointError, InvalidArgumentError, TrainingInterrupted
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss
@@ -403,14 +411,17 @@ def train_loop(
         start = int(state["step"])
         if rank == 0:
             _truncate_metrics(run / METRICS, start)
-    sampler = WindowSampler(data, split, crop=config.crop, seed=config.seed)
-    degrade = Degradation(config.scale, config.psf_sigma, config.noise)
-    weights = LossWeights(config.w_sr, config.w_fa, config.fa_subsample)
-    class_weights = (
-        torch.from_numpy(data.class_weights(split.train)).to(device)
-        if config.class_weights == "balanced"
-        else None
+    sampler = WindowSampler(
+        data, split, crop=config.crop, seed=config.seed, foreground=config.foreground_windows
     )
+    degrade = Degradation(config.scale, config.psf_sigma, config.noise)
+    jitter = Photometric() if config.augment == "photometric" else None
+    weights = LossWeights(
+        config.w_sr, config.w_fa, config.fa_subsample, dice=1.0 if config.loss == "ce+dice" else 0.0
+    )
+    class_weights = data.loss_weights(config.class_weights, split.train)
+    if class_weights is not None:
+        class_weights = torch.from_numpy(class_weights).to(device)
     per_rank = config.batch_size // world
     log = (run / METRICS).open("a") if rank == 0 else None
     t0 = time.perf_counter()
@@ -436,6 +447,8 @@ def train_loop(
         hr_np, labels_np = sampler.batch(step, rank, per_rank)
         hr = (torch.from_numpy(hr_np) - norm[0]) / norm[1]
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + rank)
+        if jitter is not None:
+            hr = jitter(hr, gen)  # input and SR target alike: the window as another sensor saw it
         lr = degrade(hr, gen)
         out = ddp(lr.to(device))
         losses = dsrl_loss(

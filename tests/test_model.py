@@ -9,6 +9,7 @@ import torch
 
 from planetseg.errors import InvalidArgumentError
 from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss, feature_affinity_loss
+from planetseg.model.losses import dice_loss
 
 TINY = NetConfig(in_bands=1, num_classes=4, scale=2, width=8, depth=2, head_channels=8)
 
@@ -106,6 +107,35 @@ def test_loss_components_and_baseline() -> None:
     assert set(base) == {"loss", "ce"}
 
 
+def test_dice_loss_is_zero_for_a_perfect_and_one_for_a_missed_foreground() -> None:
+    labels = torch.zeros(2, 8, 8, dtype=torch.int64)
+    labels[0, 2:5, 2:5] = 1
+    labels[1, :, :2] = 3
+    perfect = 50.0 * torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    # classes 1 and 3 overlap perfectly; class 2 is absent and predicted nowhere: no cost
+    assert float(dice_loss(perfect, labels)) < 0.02
+    background = torch.zeros(2, 4, 8, 8)
+    background[:, 0] = 50.0
+    # every foreground pixel missed: 1 - 1 / (pixels + 1) for classes 1 (9 px) and 3 (16 px),
+    # 0 for the absent class 2 (the smoothing term 1 keeps an empty class finite)
+    expected = ((1 - 1 / 10) + (1 - 1 / 17) + 0) / 3
+    assert math.isclose(float(dice_loss(background, labels)), expected, rel_tol=1e-4)
+
+
+def test_dice_term_of_the_total_loss() -> None:
+    x, y, hr = (
+        torch.randn(2, 1, 16, 16),
+        torch.randint(0, 4, (2, 32, 32)),
+        torch.randn(2, 1, 32, 32),
+    )
+    out = DSRLNet(TINY)(x)
+    losses = dsrl_loss(out, y, hr, LossWeights(sr=0.1, fa=1.0, fa_subsample=4, dice=0.5))
+    assert set(losses) == {"loss", "ce", "dice", "mse", "fa"}
+    expected = losses["ce"] + 0.5 * losses["dice"] + 0.1 * losses["mse"] + losses["fa"]
+    assert math.isclose(float(losses["loss"]), float(expected), rel_tol=1e-6)
+    torch.testing.assert_close(losses["dice"], dice_loss(out.logits, y))
+
+
 def test_bad_config() -> None:
     with pytest.raises(InvalidArgumentError, match="scale"):
         NetConfig(in_bands=1, num_classes=4, scale=3)
@@ -160,6 +190,61 @@ def test_median_frequency_class_weights() -> None:
     assert w[2] == 0
     present = freq > 0
     np.testing.assert_allclose(w[present] * freq[present], np.median(freq[present]))
+
+
+def test_sqrt_class_weights_lie_between_none_and_balanced() -> None:
+    import numpy as np
+
+    from planetseg.data import CubeData
+
+    labels = np.zeros((1, 10, 10), np.int64)
+    labels[0, :1] = 1  # 10 % crater pixels
+    data = CubeData(np.zeros((1, 1, 10, 10), np.float32), labels, ["b"],
+                    {0: "background", 1: "crater"}, 1.0, "moon", "")  # fmt: skip
+    balanced = data.loss_weights("balanced", slice(None))
+    np.testing.assert_allclose(data.loss_weights("sqrt", slice(None)), np.sqrt(balanced))
+    assert data.loss_weights("none", slice(None)) is None
+    assert balanced[1] / balanced[0] == pytest.approx(9.0)  # 90 % / 10 %
+
+
+def _one_crater_cube():  # noqa: ANN202
+    import numpy as np
+
+    from planetseg.data import CubeData
+
+    labels = np.zeros((2, 256, 256), np.int64)
+    labels[1, 200:210, 30:40] = 1  # one small crater, in one time step only
+    image = np.random.default_rng(0).random((2, 1, 256, 256), dtype=np.float32)
+    return CubeData(image, labels, ["b"], {0: "background", 1: "crater"}, 1.0, "moon", "")
+
+
+def test_foreground_windows_see_the_rare_crater_and_stay_reproducible() -> None:
+    from planetseg.data import WindowSampler, spatial_split
+
+    data = _one_crater_cube()
+    split = spatial_split(256, 0.25, multiple=64)
+    uniform = WindowSampler(data, split, crop=32, seed=1)
+    focused = WindowSampler(data, split, crop=32, seed=1, foreground=1.0)
+    hits = [(focused.batch(step, 0, 8)[1] > 0).any(axis=(1, 2)).mean() for step in range(10)]
+    assert min(hits) == 1.0  # every window holds crater pixels
+    seen = [(uniform.batch(step, 0, 8)[1] > 0).any(axis=(1, 2)).mean() for step in range(10)]
+    assert sum(seen) / len(seen) < 0.2
+    a, b = focused.batch(3, 1, 8), focused.batch(3, 1, 8)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))  # f(seed, step, rank)
+    assert not (focused.batch(3, 0, 8)[0] == a[0]).all()
+
+
+def test_photometric_jitter_is_reproducible_and_keeps_the_order_of_values() -> None:
+    from planetseg.data import Photometric
+
+    hr = torch.randn(4, 1, 16, 16)
+    jitter = Photometric()
+    a = jitter(hr, torch.Generator().manual_seed(5))
+    b = jitter(hr, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    assert a.shape == hr.shape and not torch.allclose(a, hr)
+    for i in range(4):  # gamma, contrast and brightness are monotone: the ranks are kept
+        assert torch.equal(hr[i].flatten().argsort(), a[i].flatten().argsort())
 
 
 def test_fused_network_computes_the_same_function() -> None:

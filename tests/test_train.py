@@ -153,6 +153,9 @@ def test_export_is_detached_and_loads_without_pickle(small_cube: Path, tmp_path:
     assert card["digest"].startswith("sha256:")
     assert set(card["normalisation"]) == {"mean", "std"}
     assert card["classes"]["2"] == "fresh_crater"
+    recipe = {k: card["training"]["config"][k] for k in ("class_weights", "loss", "augment")}
+    assert recipe == {"class_weights": "sqrt", "loss": "ce", "augment": "photometric"}
+    assert card["training"]["config"]["foreground_windows"] == 0.0
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert net(x).shape == (1, card["net"]["num_classes"], 64, 64)

@@ -48,17 +48,38 @@ def feature_affinity_loss(
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the total loss ``CE + w_sr * MSE + w_fa * FA`` (paper: 0.1 and 1.0).
+    """Weights of the total loss ``CE + w_dice * Dice + w_sr * MSE + w_fa * FA``.
 
     Attributes:
-        sr: Weight of the super-resolution MSE.
-        fa: Weight of the feature-affinity loss.
+        sr: Weight of the super-resolution MSE (paper: 0.1).
+        fa: Weight of the feature-affinity loss (paper: 1.0).
         fa_subsample: Pooling factor of the FA loss.
+        dice: Weight of the foreground Dice loss (0: cross-entropy only, as the paper).
     """
 
     sr: float = 0.1
     fa: float = 1.0
     fa_subsample: int = 8
+    dice: float = 0.0
+
+
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss of the foreground classes (1..), averaged over those classes.
+
+    Sums run over the whole batch (one Dice per class, not per image), so a window without a
+    class adds only its false positives; a class absent from the batch and predicted nowhere
+    costs nothing.
+
+    Args:
+        logits: (B, classes, H, W).
+        labels: (B, H, W) int64.
+    """
+    n = logits.shape[1]
+    probs = logits.softmax(dim=1)[:, 1:]
+    target = F.one_hot(labels, n).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    inter = (probs * target).sum(dim=(0, 2, 3))
+    total = probs.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
+    return (1 - (2 * inter + 1) / (total + 1)).mean()
 
 
 def dsrl_loss(
@@ -78,11 +99,19 @@ def dsrl_loss(
         class_weights: Optional (classes,) weights of the cross-entropy.
 
     Returns:
-        ``{"loss", "ce"}`` plus ``"mse"`` and ``"fa"`` when the SR branch exists.
+        ``{"loss", "ce"}``, plus ``"dice"`` with a Dice weight and ``"mse"`` and ``"fa"``
+        when the SR branch exists.
     """
     ce = F.cross_entropy(out.logits, labels, weight=class_weights)
-    if out.sr is None:
-        return {"loss": ce, "ce": ce}
-    mse = F.mse_loss(out.sr, hr_image)
-    fa = feature_affinity_loss(out.seg_features, out.sr_features, subsample=weights.fa_subsample)
-    return {"loss": ce + weights.sr * mse + weights.fa * fa, "ce": ce, "mse": mse, "fa": fa}
+    losses = {"ce": ce}
+    total = ce
+    if weights.dice > 0:
+        losses["dice"] = dice_loss(out.logits, labels)
+        total = total + weights.dice * losses["dice"]
+    if out.sr is not None:
+        losses["mse"] = F.mse_loss(out.sr, hr_image)
+        losses["fa"] = feature_affinity_loss(
+            out.seg_features, out.sr_features, subsample=weights.fa_subsample
+        )
+        total = total + weights.sr * losses["mse"] + weights.fa * losses["fa"]
+    return {"loss": total, **losses}
