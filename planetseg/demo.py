@@ -162,8 +162,9 @@ def run_demo(
         resume = (run / "checkpoint.pt").exists()
         # The demo's low-resolution scenes are made by averaging 2 x 2 pixels, so the
         # training degradation is the same box average without a PSF (psf_sigma 0). With the
-        # default PSF the model meets sharper input than it learnt from: measured on the training
-        # world's segmented scenes, mIoU 48.1 instead of 56.0, new-crater F1 25 instead of 75.
+        # default PSF the model meets sharper input than it learnt from: measured (before the
+        # crater recipe) on the training world's segmented scenes, mIoU 48.1 instead of 56.0,
+        # new-crater F1 25 instead of 75.
         config = TrainConfig(out=str(run), steps=steps, threads=2, psf_sigma=0.0, resume=resume)
         train(cube.store, config, progress=train_progress)
     scores = evaluate(model, cube.store, region="val")
