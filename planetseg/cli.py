@@ -1157,7 +1157,7 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
     size: Annotated[int, typer.Option(help="Scene size in pixels.")] = 1024,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 120,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
     cluster: ClusterOpt = "local",
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,

@@ -503,7 +503,7 @@ class DemoConfig:
     out: str
     seed: int = 0
     size: int = 1024
-    steps: int = 120
+    steps: int = 300
 
     def __post_init__(self) -> None:
         _int_at_least("--seed", self.seed, 0, "give a seed >= 0")
