@@ -129,17 +129,33 @@ def _body_of_text(text: str) -> Body:
     raise CRSError(f"cannot tell which body the CRS {crs.name!r} belongs to")
 
 
-def same_body(crss: list[str | CRS], *, what: str = "inputs") -> Body:
+def same_body(
+    crss: list[str | CRS],
+    *,
+    what: str = "inputs",
+    names: list[str] | None = None,
+    fix: str = "process each body separately",
+) -> Body:
     """Return the single body shared by ``crss``.
+
+    Args:
+        crss: The CRSs.
+        what: What they are, for the message.
+        names: What each CRS belongs to (an item id, ...): the message names one of each body.
+        fix: What the message tells the user to do.
 
     Raises:
         MixedBodiesError: the CRSs belong to more than one body.
     """
-    bodies = {body_of_crs(c).name for c in crss}
+    first: dict[str, str] = {}
+    for k, c in enumerate(crss):
+        first.setdefault(body_of_crs(c).name, names[k] if names else "")
+    bodies = set(first)
     if len(bodies) > 1:
-        raise MixedBodiesError(
-            f"{what} mix bodies ({', '.join(sorted(bodies))}): process each body separately"
-        )
+        if names:
+            named = ", ".join(f"{body} ({name!r})" for body, name in sorted(first.items()))
+            raise MixedBodiesError(f"{what} mix bodies: {named}; {fix}")
+        raise MixedBodiesError(f"{what} mix bodies ({', '.join(sorted(bodies))}): {fix}")
     if not bodies:
         raise CRSError(f"{what} carry no CRS")
     return BODIES[bodies.pop()]

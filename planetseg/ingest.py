@@ -41,14 +41,13 @@ from typing import Any
 import numpy as np
 
 from planetseg import __version__
-from planetseg.bodies import Body, body_of_crs, parse_crs, same_body
+from planetseg.bodies import parse_crs, same_body
 from planetseg.config import IngestConfig
 from planetseg.errors import (
     AssetReadError,
     CatalogReadError,
     CRSError,
     InvalidArgumentError,
-    MixedBodiesError,
     PlanetsegWarning,
     StoreMismatchError,
 )
@@ -234,24 +233,6 @@ def _item_crs(item: Item, asset: str | None = None) -> str:
     )
 
 
-def _one_body(items: Sequence[Item], crss: Sequence[str]) -> Body:
-    """The body all items show.
-
-    Raises:
-        MixedBodiesError: they show several; the message names an item of each.
-    """
-    first: dict[str, str] = {}
-    for item, crs in zip(items, crss, strict=True):
-        first.setdefault(body_of_crs(crs).name, item["id"])
-    if len(first) > 1:
-        named = ", ".join(f"{name} ({item_id!r})" for name, item_id in sorted(first.items()))
-        raise MixedBodiesError(
-            f"the items mix bodies: {named}; ingest each body's items into a cube of its own "
-            "(search a folder of one body, or filter with --collection)"
-        )
-    return body_of_crs(crss[0])
-
-
 def _distinct_crss(crss: Sequence[str]) -> list[str]:
     """The CRSs of ``crss`` that differ, one text each (the first seen, in sorted order).
 
@@ -340,7 +321,13 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
                     f"{', '.join(item.get('assets', {}))}): choose --bands/--labels among them"
                 )
     crss = [_item_crs(it, asset_keys[0]) for it in items]
-    body = _one_body(items, crss)
+    body = same_body(
+        crss,
+        what="the items",
+        names=[it["id"] for it in items],
+        fix="ingest each body's items into a cube of its own (search a folder of one body, or "
+        "filter with --collection)",
+    )
     target = parse_crs(config.crs) if config.crs else None
     if target is None:
         distinct = _distinct_crss(crss)
