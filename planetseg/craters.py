@@ -46,7 +46,7 @@ from planetseg.config import CratersConfig
 from planetseg.errors import InvalidArgumentError
 from planetseg.labels import read_crater_catalog
 from planetseg.products import LabelsStore
-from planetseg.segment import CRATER_PROBABILITY, CRATER_PROBABILITY_ATTR
+from planetseg.segment import CRATER_PROBABILITY, CRATER_PROBABILITY_ATTR, is_crater_class
 from planetseg.store import prepare_output
 
 #: DeepMoon's thresholds (squared position / radius, relative radius).
@@ -105,7 +105,7 @@ def crater_values(store: LabelsStore, names: tuple[str, ...]) -> dict[int, str]:
                 f"{', '.join(store.classes.values())}): fix --crater-class"
             )
         return {v: n for v, n in store.classes.items() if n in names}
-    found = {v: n for v, n in store.classes.items() if "crater" in n.lower()}
+    found = {v: n for v, n in store.classes.items() if is_crater_class(n)}
     if not found:
         raise InvalidArgumentError(
             f"{store.path} has no class named like a crater (it has "
@@ -201,18 +201,11 @@ def separate(mask: np.ndarray, probability: np.ndarray | None, separation: str) 
     from skimage.segmentation import watershed
 
     distance = ndimage.distance_transform_edt(mask)
-    if probability is None or separation == "distance":
-        surface, kind = distance, "distance"
-    else:
+    kind = "distance" if probability is None else separation
+    surface = distance
+    if kind != "distance":
         smooth = ndimage.gaussian_filter(np.nan_to_num(probability, nan=0.0), SMOOTHING_PX)
-        surface, kind = (
-            (smooth, "probability")
-            if separation == "probability"
-            else (
-                distance * smooth,
-                "combined",
-            )
-        )
+        surface = smooth if kind == "probability" else distance * smooth
     blobs, n_blobs = ndimage.label(mask)
     found = peak_local_max(
         surface,
@@ -275,7 +268,8 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     frames, counted_km2 = [], 0.0
     for t in times:
         confidence = labels.read(t, "confidence")
-        counted_km2 = float(area[np.isfinite(confidence)].sum())  # the pixels segment wrote
+        if count_file:  # one time step (checked above): the area of the pixels segment wrote
+            counted_km2 = float(area[np.isfinite(confidence)].sum())
         probability = labels.read(t, source) if source == CRATER_PROBABILITY else None
         found = extract(
             labels.read(t),
@@ -345,18 +339,17 @@ def read_craters(out: str | Path) -> CratersResult:
         CatalogReadError: ``out`` is not a catalog planetseg craters wrote.
     """
     from planetseg.errors import CatalogReadError
-    from planetseg.items import read_items
 
     out = Path(out)
-    scores_path, items = _companions(out)
-    if not _written_by_craters(out, out):
+    item = _own_item(out)
+    if item is None:
         raise CatalogReadError(f"{out} is not a crater catalog of planetseg craters")
-    [item] = read_items(items)
     table = pd.read_csv(out) if out.suffix.lower() == ".csv" else pd.read_parquet(out)
     table = table.drop(columns="geometry", errors="ignore")
-    scored = "scores" in item["assets"]
-    scores = json.loads(scores_path.read_text()) if scored else None
-    files = (out, scores_path, items) if scored else (out, items)
+    assets = item["assets"]
+    scores = json.loads(Path(assets["scores"]["href"]).read_text()) if "scores" in assets else None
+    beside = (Path(a["href"]) for key, a in assets.items() if key != "catalog")
+    files = (out, *beside, _companions(out)[1])
     props = item["properties"]
     source = props.get("planetseg:extracted_from", "labels")
     return CratersResult(table, out, scores, files, props.get("planetseg:reference"), source)
@@ -367,20 +360,30 @@ def _companions(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.stem + ".scores.json"), out.with_name(out.stem + ".items.ndjson")
 
 
-def _written_by_craters(out: Path, path: Path) -> bool:
-    """Whether ``path`` is a file of an earlier craters run into ``out``, as its item says."""
+def _own_item(out: Path) -> dict[str, Any] | None:
+    """The STAC item beside the catalog ``out`` if an earlier craters run wrote both, else None."""
     from planetseg.errors import CatalogReadError
     from planetseg.items import read_items
 
-    items = _companions(out)[1]
     try:
-        [item] = read_items(items)
+        [item] = read_items(_companions(out)[1])
     except (CatalogReadError, ValueError):
-        return False
+        return None
     if item.get("properties", {}).get("planetseg:product") != "craters":
+        return None
+    return item if str(out.resolve()) in _hrefs(item) else None
+
+
+def _hrefs(item: dict[str, Any]) -> set[str]:
+    return {str(a.get("href")) for a in item.get("assets", {}).values()}
+
+
+def _written_by_craters(out: Path, path: Path) -> bool:
+    """Whether ``path`` is a file of an earlier craters run into ``out``, as its item says."""
+    item = _own_item(out)
+    if item is None:
         return False
-    hrefs = {str(a.get("href")) for a in item.get("assets", {}).values()}
-    return str(out.resolve()) in hrefs and (path == items or str(path.resolve()) in hrefs)
+    return path == _companions(out)[1] or str(path.resolve()) in _hrefs(item)
 
 
 def _great_circle_km(lon1, lat1, lon2, lat2, radius_km: float) -> np.ndarray:  # noqa: ANN001

@@ -176,7 +176,7 @@ def run_demo(
     unseen = synthesize(out / "unseen-world", config=unseen_config)
     logger.info("unseen world written to %s", unseen.root)
     flow = load_workflow(shipped_workflow("demo"), root=out)
-    lr = abs(cube.plan.transform[0]) * TrainConfig(out=str(run)).scale
+    lr = abs(cube.plan.transform[0]) * TrainConfig.scale
     if flow.ingest is None or flow.ingest.resolution != lr:
         raise PlanetsegError(
             f"{flow.path}: cube.resolution must be {lr:g}, the model's input resolution"

@@ -584,16 +584,12 @@ def output_of(flow: Workflow, step: str, unit: str) -> Path:
     return flow.outputs / folder / f"{unit}{suffix}"
 
 
-def _labels_store(flow: Workflow, name: str) -> Path:
-    return output_of(flow, "segment", name)
-
-
 def _run_segment(state: _Run, unit: Unit, cube: Path) -> None:
     from planetseg.segment import segment
     from planetseg.store import create_owned_dir, owner, remove_owned
 
     flow = state.flow
-    store = _labels_store(flow, unit.unit)
+    store = output_of(flow, "segment", unit.unit)
     create_owned_dir(store.parent, "run")
     if unit.reason == "fingerprint" and owner(store) == "segment":
         remove_owned(store, "segment")  # another model or settings: segment anew
@@ -616,12 +612,12 @@ def _run_diff(state: _Run, unit: Unit, cube: Path) -> None:
         out=str(out),
         before="0",
         after="0",
-        other=str(_labels_store(flow, unit.args["after"])),
+        other=str(output_of(flow, "segment", unit.args["after"])),
         min_confidence=flow.diff.min_confidence,
         min_area_m2=flow.diff.min_area_m2,
         overwrite=True,
     )
-    diff(_labels_store(flow, unit.args["before"]), config)
+    diff(output_of(flow, "segment", unit.args["before"]), config)
 
 
 def _run_craters(state: _Run, unit: Unit, cube: Path) -> None:
@@ -633,7 +629,7 @@ def _run_craters(state: _Run, unit: Unit, cube: Path) -> None:
     create_owned_dir(out.parent, "run")
     count = str(out.with_suffix(".scc")) if flow.craters.craterstats else None
     config = replace(flow.craters, out=str(out), craterstats=count, overwrite=True)
-    craters(_labels_store(flow, unit.unit), config)
+    craters(output_of(flow, "segment", unit.unit), config)
 
 
 _RUNNERS = {"segment": _run_segment, "diff": _run_diff, "craters": _run_craters}

@@ -82,6 +82,15 @@ CONFIDENCE_STEPS = 254
 CRATER_PROBABILITY = "crater_probability"
 CRATER_PROBABILITY_ATTR = "planetseg:crater_probability_classes"
 
+
+def is_crater_class(name: str) -> bool:
+    """Whether a class is a crater by default: its name contains "crater".
+
+    The rule of the crater probability here and of ``craters`` without ``--crater-class``.
+    """
+    return "crater" in name.lower()
+
+
 #: A task's peak memory is the network's, counted in float32 maps of the input window's size
 #: and calibrated on peak RSS (fused network, CPU, torch 2.x): while the low-resolution levels
 #: run, about LR_MAPS maps of ``width`` channels are held (encoder skips, decoder
@@ -141,7 +150,7 @@ class SegmentPlan:
     @property
     def crater_values(self) -> list[int]:
         """Class values whose softmax is summed into the crater probability (may be none)."""
-        return sorted(int(v) for v, name in self.classes.items() if "crater" in name.lower())
+        return sorted(int(v) for v, name in self.classes.items() if is_crater_class(name))
 
     @property
     def tiles_yx(self) -> tuple[int, int]:
