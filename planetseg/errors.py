@@ -110,3 +110,12 @@ class MixedBodiesError(CRSError):
 
 class PlanetsegWarning(UserWarning):
     """Base class of planetseg's warnings, so they can be filtered together."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party error's message (at most 300 characters), or its type.
+
+    What a one-line planetseg error quotes of its cause.
+    """
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

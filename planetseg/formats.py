@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from planetseg.bodies import BODIES, Body, body_of_crs
-from planetseg.errors import CatalogReadError, CRSError
+from planetseg.errors import CatalogReadError, CRSError, first_line
 from planetseg.items import Item, raster_item
 
 #: Suffixes of files that may be items on their own (lower case).
@@ -182,7 +182,7 @@ def file_item(path: Path, root: Path) -> tuple[Item, set[Path]]:
             parts = {Path(f).resolve() for f in src.files}
             stamp = src.tags().get("TIFFTAG_DATETIME") if driver == "GTiff" else None
     except rasterio.errors.RasterioIOError as exc:
-        raise CatalogReadError(f"cannot read {path}: {_first_line(exc)}") from exc
+        raise CatalogReadError(f"cannot read {path}: {first_line(exc)}") from exc
     label = read_label(path, driver)
     if crs is None:
         where = _PROJECTION_KEY.get(driver, "a CRS (gdal_edit.py -a_srs ... -a_ullr ...)")
@@ -219,7 +219,7 @@ def read_label(path: Path, driver: str) -> Label:
         if driver == "PDS4":
             return _pds4_label(path)
     except (ValueError, ParseError, QuantityError, ET.ParseError) as exc:
-        raise CatalogReadError(f"cannot parse the label of {path}: {_first_line(exc)}") from exc
+        raise CatalogReadError(f"cannot parse the label of {path}: {first_line(exc)}") from exc
     return Label()
 
 
@@ -391,8 +391,3 @@ def acquisition_time(
         f"{path} tells no acquisition time{bad}: {how}put the date in its name "
         f"(scene_2014-03-01{path.suffix}), or describe the files with a STAC items file"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -35,6 +35,7 @@ from planetseg.errors import (
     CollectionNotFoundError,
     InvalidArgumentError,
     PlanetsegWarning,
+    first_line,
 )
 from planetseg.formats import file_item, folder_items, is_image_file
 from planetseg.items import ITEM_SUFFIXES, Item, absolute_hrefs, isoformat, read_items
@@ -260,7 +261,7 @@ def _search_api(
         return list(found.items_as_dicts())
     except (requests.exceptions.RequestException, APIError) as exc:
         raise CatalogUnavailableError(
-            f"STAC API {where} failed after {config.retries} retries: {_one_line(exc)}"
+            f"STAC API {where} failed after {config.retries} retries: {first_line(exc)}"
         ) from exc
 
 
@@ -278,11 +279,6 @@ def _signer(catalog: ResolvedCatalog) -> Any:
         )
         return None
     return planetary_computer.sign_inplace
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- local catalogs
@@ -372,7 +368,7 @@ def _load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CatalogReadError(f"cannot read {path}: {_one_line(exc)}") from exc
+        raise CatalogReadError(f"cannot read {path}: {first_line(exc)}") from exc
 
 
 def _walk_static(path: Path, collections: set[str], seen: set[Path]) -> Iterator[Item]:
