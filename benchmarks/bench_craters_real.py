@@ -164,8 +164,9 @@ def _lr_part(work: Path, catalog: Path, name: str, bbox: tuple[float, ...], res:
     return cube
 
 
-def ctx_scene(work: Path, crop: int) -> Scene:
-    """CTX: train on lon 174-178 E (validation at its east end), test on lon 178-180 E."""
+def ctx_scene(work: Path, crop: int, scale: int = 2) -> Scene:
+    """CTX: train on lon 174-178 E (validation at its east end), test on lon 178-180 E; the
+    LR parts ``scale`` times coarser than the native grid."""
     src = DATA / "mars_ctx_robbins"
     catalog = _catalog(work, "ctx", [src / "ctx_mosaic.tif"])
     labels = pd.read_csv(src / "ctx_craters.csv")
@@ -179,6 +180,7 @@ def ctx_scene(work: Path, crop: int) -> Scene:
     cut = spatial_split(round(4 / px), 0.25, multiple=crop).val.start  # train's own split
     val_box = (174 + cut * px, -20.0, 178.0, -14.0)
     test_box = (178.0, -20.0, 180.0, -14.0)
+    lr = "lr" if scale == 2 else f"lr{scale}"  # scale 2 keeps its earlier cube names
     return Scene(
         "ctx",
         1.0,
@@ -186,13 +188,13 @@ def ctx_scene(work: Path, crop: int) -> Scene:
         val_columns=slice(cut, None),
         val=[
             TestPart(
-                _lr_part(work, catalog, "ctx-val-lr", val_box, 2 * px),
+                _lr_part(work, catalog, f"ctx-val-{lr}", val_box, scale * px),
                 _reference(labels, val_box, work / "ctx-val-ref.csv"),
             )
         ],
         tests=[
             TestPart(
-                _lr_part(work, catalog, "ctx-test-lr", test_box, 2 * px),
+                _lr_part(work, catalog, f"ctx-test-{lr}", test_box, scale * px),
                 _reference(labels, test_box, work / "ctx-test-ref.csv"),
             )
         ],
@@ -243,13 +245,14 @@ def train_run(work: Path, seed: int, flags: list[str], args) -> Path:  # noqa: A
 
 
 def score_part(
-    work: Path, model: Path, part: TestPart, tag: str, limit_km: float, upsample: bool = False
+    work: Path, model: Path, part: TestPart, tag: str, limit_km: float, upsample: int = 0
 ) -> dict:
     """Segment one LR part with ``model`` and score its craters against the reference.
 
     ``craters --reference-min-km limit_km``: the reference's completeness limit on both sides
     (a reference crater below it is no miss, an unmatched detection below it no false
-    positive); craters come from the store's crater probability.
+    positive); craters come from the store's crater probability. ``upsample``: resample the
+    LR part this many times finer (bicubic) first, for a segmenter trained at ``--scale 1``.
     """
     from planetseg.config import CratersConfig, SegmentConfig
     from planetseg.craters import craters
@@ -260,7 +263,7 @@ def score_part(
     out.mkdir(parents=True, exist_ok=True)
     cube = part.cube
     if upsample:
-        cube = _upsampled(part.cube, out / "hr-input.zarr")
+        cube = _upsampled(part.cube, out / "hr-input.zarr", upsample)
     labels = out / "labels.zarr"
     if (labels / "zarr.json").exists() and "crater_probability" not in LabelsStore.open(
         labels
@@ -283,8 +286,9 @@ def score_part(
     return {"scores": result.scores, "table": result.table, "reference": reference}
 
 
-def _upsampled(cube: Path, out: Path) -> Path:
-    """The LR cube resampled 2x finer (bicubic), by ``ingest --resolution`` from its COG."""
+def _upsampled(cube: Path, out: Path, factor: int) -> Path:
+    """The LR cube resampled ``factor`` x finer (bicubic), by ``ingest --resolution`` from its
+    COG."""
     import rioxarray  # noqa: F401 - registers .rio
     import xarray as xr
 
@@ -296,7 +300,7 @@ def _upsampled(cube: Path, out: Path) -> Path:
     image = ds["image"].isel(time=0, band=0).rio.write_crs(ds.rio.crs)
     tif = folder / "lr_2010-01-01.tif"
     image.rio.to_raster(tif, driver="COG")
-    res = abs(float(ds.x[1] - ds.x[0])) / 2
+    res = abs(float(ds.x[1] - ds.x[0])) / factor
     cli("ingest", folder, "--out", out, "--resolution", repr(res), "--resampling", "cubic",
         "--cluster", "none")  # fmt: skip
     return out
@@ -389,6 +393,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (1 thread each)")
     parser.add_argument("--screen", action="store_true", help="the recipe's choices, on val")
     parser.add_argument("--ablation", action="store_true", help="DSRL vs seg-only vs SR-only")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=2,
+        choices=[2, 4],
+        help="LR input this many times coarser (scale 4: CTX only)",
+    )
     parser.add_argument("--work", type=Path, help="keep (and reuse) cubes and runs here")
     parser.add_argument("--out", type=Path, help="write the >= limit totals as JSON")
     args = parser.parse_args()
@@ -396,7 +407,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="craters-real-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "runs").mkdir(exist_ok=True)
-    ctx = ctx_scene(work, args.crop)
+    if args.scale != 2 and "themis" in args.scenes:
+        sys.exit("--scale 4 is for the CTX scene only: add --scenes ctx")
+    ctx = ctx_scene(work, args.crop, args.scale)
     scenes = [ctx] + ([themis_scene(work)] if "themis" in args.scenes else [])
     px_km = 6 / 3744 * math.pi * MARS_KM / 180  # the segmentation grid (CTX's native pixel)
     if args.screen:
@@ -405,6 +418,8 @@ def main() -> None:
         arms = ABLATION
     else:
         arms = {"new recipe": [], "previous defaults": PREVIOUS}
+    if args.scale != 2:  # the HR arm (--scale 1) stays as it is
+        arms = {a: f + (["--scale", str(args.scale)] if a != "hr" else []) for a, f in arms.items()}
     print(f"{len(arms)} arms x seeds {args.seeds}: {args.steps} steps of batch {args.batch} x "
           f"{args.crop} px, work {work}", flush=True)  # fmt: skip
     jobs = [(arm, seed) for seed in args.seeds for arm in arms]
@@ -423,7 +438,7 @@ def main() -> None:
         results: dict[str, list[list[dict]]] = {}
         for arm in arms:
             for seed in args.seeds:
-                up = args.ablation and arm == "hr"
+                up = args.scale if args.ablation and arm == "hr" else 0
                 model = models[(arm, seed)]
                 parts = [
                     score_part(work, model, p, model.parent.name, scene.limit_km, up)
