@@ -307,10 +307,16 @@ def _upsampled(cube: Path, out: Path, factor: int) -> Path:
 
 
 def _prf(counts: dict) -> dict:
-    """Counts summed over parts, with their precision, recall and F1 (NaN where undefined)."""
+    """Counts summed over parts, with their precision, recall and F1 (precision and recall NaN
+    where undefined; F1 0 when nothing matched although there was something to match, e.g. a
+    run that detects nothing, NaN when there was nothing on either side)."""
     p = counts["matched"] / counts["detected"] if counts["detected"] else float("nan")
     r = counts["matched"] / counts["reference"] if counts["reference"] else float("nan")
-    return {**counts, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+    if counts["matched"]:
+        f1 = 2 * p * r / (p + r)
+    else:
+        f1 = 0.0 if counts["detected"] or counts["reference"] else float("nan")
+    return {**counts, "precision": p, "recall": r, "f1": f1}
 
 
 def _summed(blocks: list[dict]) -> dict:
@@ -367,7 +373,11 @@ def summary(results: dict[str, list[list[dict]]], limit_km: float) -> None:
     """Mean +/- sd over seeds of the >= limit totals, and paired differences to the first arm."""
     first = next(iter(results))
     for arm, per_seed in results.items():
-        tot = [above(parts, limit_km) for parts in per_seed]
+        # A run with no detection has no precision: it counts as 0 in the mean (as its F1 does).
+        tot = [
+            {m: 0.0 if math.isnan(v) else v for m, v in above(parts, limit_km).items()}
+            for parts in per_seed
+        ]
         line = ", ".join(
             f"{m} {100 * statistics.mean(t[m] for t in tot):.1f}"
             + (f" +/- {100 * statistics.stdev(t[m] for t in tot):.1f}" if len(tot) > 1 else "")
@@ -379,7 +389,8 @@ def summary(results: dict[str, list[list[dict]]], limit_km: float) -> None:
                 for a, b in zip(per_seed, results[first], strict=True)
             ]
             sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            line += f"; F1 - {first}: {statistics.mean(d):+.1f} +/- {sd:.1f} (per seed {d})"
+            each = " / ".join(f"{v:+.1f}" for v in d)
+            line += f"; F1 - {first}: {statistics.mean(d):+.1f} +/- {sd:.1f} (per seed {each})"
         print(f"  {arm:28s} {line}")
 
 
