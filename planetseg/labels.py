@@ -252,7 +252,8 @@ def rasterize_craters(
         values: Label value per class name.
         indexed: Draw only the craters the catalog's spatial index (:meth:`CraterCatalog.index`,
             built on the first call for a CRS) finds near the grid; False tests every crater
-            (a single grid of a large catalog costs that either way). The result is the same.
+            without an index (building one costs about that: worth it from the second grid on).
+            The result is the same.
 
     Returns:
         ``uint8`` array of ``shape``, 0 where no crater is.
