@@ -41,7 +41,7 @@ from planetseg.ingest import CubePlan, ingest, plan_ingest
 from planetseg.items import read_items, write_items
 from planetseg.loaders import get_loader
 from planetseg.search import search
-from planetseg.segment import segment
+from planetseg.segment import CONFIDENCE_STEPS, NO_DATA, segment
 from planetseg.store import done_markers, progress_dir
 from planetseg.synthetic import CLASSES, SynthConfig, synthesize
 from tests.realdata import RealScene
@@ -349,8 +349,9 @@ def crop_item(item: dict[str, Any], window: Window, out: Path, **props: Any) -> 
     return crop
 
 
+@pytest.mark.parametrize("dtype", [None, "float32"])
 def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
-    world: dict[str, Path], tmp_path: Path
+    world: dict[str, Path], dtype: str | None, tmp_path: Path
 ) -> None:
     # The cube: two epochs of the 256 px world's north-west 192 x 192 px, tiles of 64 px.
     # Epoch 3: a crop from row 80 and column 100 to the scene's edge, so it covers part of
@@ -361,7 +362,7 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     first = [crop_item(it, cube_window, tmp_path / "crops") for it in items[:2]]
     third = crop_item(items[2], third_window, tmp_path / "crops")
     store = tmp_path / "cube.zarr"
-    config = IngestConfig(out=str(store), labels="labels", tile=64)
+    config = IngestConfig(out=str(store), labels="labels", tile=64, dtype=dtype)
     made = ingest(first, config)
     assert made.plan.shape == (192, 192)
     before = chunk_files(store)
@@ -378,11 +379,11 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     assert cube.sizes["time"] == 3 and store_attrs(store)["planetseg:complete"] is True
     for var, asset in (("image", "image"), ("labels", "labels")):
         got = cube[var].isel(time=2).values.squeeze()
-        # Direct read: the item's file on the cube's grid (its window of it), nodata elsewhere.
-        want = np.zeros((192, 192), got.dtype)  # the cube's fill: no nodata declared, uint8
+        # Direct read: the item's file on the cube's grid (its window of it), nodata elsewhere:
+        # the cube's fill, as no nodata is declared (0 for integers, NaN for floats).
+        want = np.full((192, 192), np.nan if got.dtype.kind == "f" else 0, got.dtype)
         want[80:, 100:] = read_band(Path(third["assets"][asset]["href"]))[: 192 - 80, : 192 - 100]
         np.testing.assert_array_equal(got, want)
-        assert (got[:80] == 0).all() and (got[:, :100] == 0).all()
     # Earlier epochs read as before.
     np.testing.assert_array_equal(
         cube["image"].isel(time=0, band=0).values,
@@ -396,8 +397,17 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
         segmented = segment(store, SegmentConfig(out=str(out), model=str(world["model"])))
     assert (segmented.computed, segmented.kept) == (segmented.plan.n_tiles, 0)
     group = zarr.open_group(str(out), mode="r")
-    assert group["labels"].shape[0] == 3
-    assert (group["confidence"][2] != 255).all()  # every pixel of the partial step segmented
+    confidence, s = group["confidence"][2], segmented.plan.scale
+    # Pixels without input (a float cube's NaN) are marked as such, and do not spread into
+    # the others: every pixel of the footprint has a softmax maximum, at least 1 / classes.
+    covered = np.zeros((192, 192), bool)
+    covered[80:, 100:] = True
+    if dtype is None:
+        covered[:] = True  # 0 is a pixel value to the model: every pixel is segmented
+    unknown = ~covered.repeat(s, 0).repeat(s, 1)
+    assert (confidence[unknown] == NO_DATA).all()
+    assert confidence[~unknown].min() >= CONFIDENCE_STEPS // len(segmented.plan.classes)
+    assert (group["labels"][2][unknown] == 0).all()
 
 
 def warped_item(item: dict[str, Any], crs: str, out: Path) -> dict[str, Any]:
