@@ -73,9 +73,9 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-#: Confidence (the winning class's softmax probability) is stored as uint8 steps of 1/254;
-#: 255 is the fill value of pixels not yet written, and of pixels whose input is missing.
+#: Confidence (the winning class's softmax probability) is stored as uint8 steps of 1/254.
 CONFIDENCE_STEPS = 254
+#: Confidence (and crater probability) of pixels not yet written, or whose input is missing.
 NO_DATA = 255
 #: The crater probability (the summed softmax of the crater classes: every class whose name
 #: contains "crater") is stored beside ``confidence``, quantised the same way, in stores of
