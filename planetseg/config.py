@@ -125,7 +125,9 @@ class IngestConfig:
     """How to turn items into a datacube.
 
     Attributes:
-        out: Path of the zarr store to create, resume or append to.
+        out: Path of the zarr store to create, resume or append to. An existing cube keeps
+            its grid: new items go onto it (``bbox`` is not used; ``crs`` and ``resolution``,
+            if given, must be the cube's).
         bbox: Area to ingest, ``"W,S,E,N"`` in body lon/lat; None for the items' union.
         crs: Cube CRS (authority code or WKT2); None for the items' own (they must agree).
         resolution: Pixel size in CRS units; None for the items' finest native resolution.

@@ -21,8 +21,11 @@ Resumable: every tile written leaves a marker in ``<store>.progress/`` *after* i
 re-run writes only tiles without a marker, and the folder goes once the store is complete.
 ``attrs["planetseg:complete"]`` becomes true only once every tile is written, so an
 interrupted store never passes for a finished one.
-Appendable: new acquisitions on the same grid are appended along ``time``; earlier chunks
-are not touched.
+Appendable: new acquisitions are appended along ``time`` onto the cube's fixed grid, whatever
+their footprint (real observations of a region never share one): pixels outside it are the
+cube's nodata, and every chunk of the new step is written, all-nodata ones too (readers take
+a missing chunk for lost data). Earlier chunks are not touched. Items that miss the cube, or in
+another CRS (without ``--crs`` naming the cube's) or of another body, are refused.
 """
 
 from __future__ import annotations
@@ -289,14 +292,26 @@ def _default_bands(item: Item, label_asset: str | None) -> list[str]:
     ]
 
 
-def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
+def plan_ingest(
+    items: Sequence[Item], config: IngestConfig, *, onto: CubePlan | None = None
+) -> CubePlan:
     """Plan a cube from item metadata. Cheap: reads no pixels.
+
+    Args:
+        items: The items.
+        config: Grid, bands and labels.
+        onto: The plan of the existing cube ``config.out`` that the items go into: the new plan
+            keeps its grid (CRS, transform and shape; ``config.bbox`` is not used), wherever
+            the items lie.
 
     Raises:
         CatalogReadError: no items.
-        CRSError / MixedBodiesError: missing projection metadata, or items of several bodies.
+        CRSError / MixedBodiesError: missing projection metadata, or items of several bodies
+            (or of another body than ``onto``).
         InvalidArgumentError: no native resolution, bad bands, or a bbox missing every item
             (the config checked its own values).
+        StoreMismatchError: with ``onto``, ``--crs`` or ``--resolution`` other than the
+            cube's, or an item in another CRS than the cube's without ``--crs``.
     """
     if not items:
         raise CatalogReadError("no items to ingest: the items file or search result is empty")
@@ -328,26 +343,30 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
         fix="ingest each body's items into a cube of its own (search a folder of one body, or "
         "filter with --collection)",
     )
-    target = parse_crs(config.crs) if config.crs else None
-    if target is None:
-        distinct = _distinct_crss(crss)
-        if len(distinct) > 1:
+    if onto is not None:
+        target = _cube_crs(items, crss, config, onto)
+        transform, shape = onto.transform, onto.shape
+    else:
+        target = parse_crs(config.crs) if config.crs else None
+        if target is None:
+            distinct = _distinct_crss(crss)
+            if len(distinct) > 1:
+                raise InvalidArgumentError(
+                    f"the items are in {len(distinct)} CRSs "
+                    f"({'; '.join(parse_crs(d).name[:60] for d in distinct[:3])}): choose the "
+                    "cube's with --crs"
+                )
+            target = parse_crs(distinct[0])
+        same_body([target, crss[0]], what="--crs and the items")
+        resolution = config.resolution or _native_resolution(items, crss, asset_keys[0], target)
+        if resolution is None:
             raise InvalidArgumentError(
-                f"the items are in {len(distinct)} CRSs "
-                f"({'; '.join(parse_crs(d).name[:60] for d in distinct[:3])}): choose the "
-                "cube's with --crs"
+                "cannot tell the items' native resolution in the cube's CRS: give --resolution"
             )
-        target = parse_crs(distinct[0])
-    same_body([target, crss[0]], what="--crs and the items")
-    resolution = config.resolution or _native_resolution(items, crss, asset_keys[0], target)
-    if resolution is None:
-        raise InvalidArgumentError(
-            "cannot tell the items' native resolution in the cube's CRS: give --resolution"
+        bounds = _extent(items, crss, asset_keys[0], target, config.bbox)
+        transform, shape = _snap(
+            bounds, resolution, _native_anchor(items, crss, asset_keys[0], target, resolution)
         )
-    bounds = _extent(items, crss, asset_keys[0], target, config.bbox)
-    transform, shape = _snap(
-        bounds, resolution, _native_anchor(items, crss, asset_keys[0], target, resolution)
-    )
     groups: dict[str, list[Item]] = {}
     for item in sorted(items, key=lambda it: (it["properties"].get("datetime") or "", it["id"])):
         groups.setdefault(_group_key(item, config.groupby, body.name), []).append(item)
@@ -360,7 +379,7 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
     bands = tuple(_band_specs(first, asset_keys))
     dtype, nodata = _dtype_nodata(first, asset_keys[0], config)
     return CubePlan(
-        crs_wkt=target.to_wkt(),
+        crs_wkt=onto.crs_wkt if onto is not None else target.to_wkt(),
         body=body.name,
         transform=transform,
         shape=shape,
@@ -376,6 +395,48 @@ def plan_ingest(items: Sequence[Item], config: IngestConfig) -> CubePlan:
         fill_missing=config.fill_missing,
         read_block=config.read_block,
     )
+
+
+def _cube_crs(items: Sequence[Item], crss: list[str], config: IngestConfig, cube: CubePlan) -> Any:
+    """The CRS of the existing cube the items are appended to, after checking the items fit.
+
+    Items are put onto the cube's grid as they are, or reprojected when ``--crs`` names the
+    cube's CRS (as a new cube takes items of several CRSs only with ``--crs``).
+
+    Raises:
+        MixedBodiesError: an item of another body than the cube.
+        StoreMismatchError: ``--crs`` or ``--resolution`` other than the cube's, or an item in
+            another CRS than the cube's without ``--crs``.
+    """
+    target = parse_crs(cube.crs_wkt)
+    ids = [it["id"] for it in items]
+    same_body(
+        [target, *crss],
+        what=f"the cube {config.out} and the items",
+        names=["the cube", *ids],
+        fix="ingest each body's items into a cube of its own (choose another --out)",
+    )
+    if config.crs and not parse_crs(config.crs).equals(target, ignore_axis_order=True):
+        raise StoreMismatchError(
+            f"--crs {config.crs} is not the CRS of the cube {config.out} ({target.name}): leave "
+            "--crs out to append onto the cube's grid, or choose another --out"
+        )
+    resolution = abs(cube.transform[0])
+    if config.resolution and not math.isclose(config.resolution, resolution, rel_tol=1e-9):
+        raise StoreMismatchError(
+            f"--resolution {config.resolution:g} is not the resolution of the cube {config.out} "
+            f"({resolution:g}): leave --resolution out to append onto the cube's grid, or "
+            "choose another --out"
+        )
+    if not config.crs:
+        for item_id, crs in zip(ids, crss, strict=True):
+            if not parse_crs(crs).equals(target, ignore_axis_order=True):
+                raise StoreMismatchError(
+                    f"item {item_id!r} is in {parse_crs(crs).name}, the cube {config.out} in "
+                    f"{target.name}: pass the cube's CRS as --crs to reproject the item onto "
+                    "the cube's grid, or ingest it into another --out"
+                )
+    return target
 
 
 #: Copies of a read block a task holds at once: the sources' reads, their mosaic, the encoded
@@ -491,18 +552,11 @@ def _extent(
 
     geographic = body_of_crs(target).crs
     to_target = Transformer.from_crs(geographic, target, always_xy=True)
-    footprints = []
-    for item, crs in zip(items, crss, strict=True):
-        grid = _item_grid(item, asset)
-        if grid is not None and parse_crs(crs) == target:
-            (a, _, c, _, e, f), (h, w) = grid
-            footprints.append(
-                (min(c, c + a * w), min(f, f + e * h), max(c, c + a * w), max(f, f + e * h))
-            )
-        elif item.get("bbox"):
-            footprints.append(
-                to_target.transform_bounds(*item["bbox"][:2], *item["bbox"][-2:], densify_pts=21)
-            )
+    footprints = [
+        fp
+        for item, crs in zip(items, crss, strict=True)
+        if (fp := _footprint(item, crs, asset, target, to_target)) is not None
+    ]
     if not footprints:
         raise InvalidArgumentError("the items carry neither proj:transform nor bbox: give --bbox")
     union = (
@@ -532,19 +586,51 @@ def _extent(
     return inter
 
 
+def _footprint(
+    item: Item, crs: str, asset: str, target: Any, to_target: Any
+) -> tuple[float, float, float, float] | None:
+    """``(left, bottom, right, top)`` of an item in the ``target`` CRS, if it says.
+
+    Its own grid when it is in ``target``, else its lon/lat ``bbox`` (``to_target`` projects
+    the body's lon/lat onto ``target``).
+    """
+    grid = _item_grid(item, asset)
+    if grid is not None and parse_crs(crs) == target:
+        (a, _, c, _, e, f), (h, w) = grid
+        return (min(c, c + a * w), min(f, f + e * h), max(c, c + a * w), max(f, f + e * h))
+    if item.get("bbox"):
+        return to_target.transform_bounds(*item["bbox"][:2], *item["bbox"][-2:], densify_pts=21)
+    return None
+
+
+def _cube_lonlat(cube: CubePlan) -> tuple[float, float, float, float]:
+    """The cube's extent in its body's lon/lat."""
+    from pyproj import Transformer
+
+    from planetseg.bodies import body_of_crs
+
+    crs = parse_crs(cube.crs_wkt)
+    to_lonlat = Transformer.from_crs(crs, body_of_crs(crs).crs, always_xy=True)
+    return to_lonlat.transform_bounds(*cube.bounds, densify_pts=21)
+
+
 def _lonlat_union(items: Sequence[Item]) -> str:
     boxes = [it["bbox"] for it in items if it.get("bbox")]
     if not boxes:
         return "an unknown area"
-    return ",".join(
-        f"{v:.4f}"
-        for v in (
+    return _lonlat(
+        (
             min(b[0] for b in boxes),
             min(b[1] for b in boxes),
             max(b[-2] for b in boxes),
             max(b[-1] for b in boxes),
         )
     )
+
+
+def _lonlat(bbox: Sequence[float]) -> str:
+    """A lon/lat box as ``W,S,E,N`` (what ``--bbox`` takes)."""
+    return ",".join(f"{v:.4f}" for v in (*bbox[:2], *bbox[-2:]))
 
 
 def _native_anchor(
@@ -877,20 +963,17 @@ def ingest(
     )
     loader = get_loader(config.engine)
     items = load_items(items)
-    plan = plan_ingest(items, config)
+    state = read_state(store)
+    existed = state.exists
+    # An existing cube keeps its grid: new acquisitions go onto it wherever they lie.
+    old = CubePlan.from_json(get_attr(store, "planetseg:plan")) if existed else None
+    plan = plan_ingest(items, config, onto=old)
     loader.check(plan)
     check_memory(plan, client)
     by_id = {it["id"]: it for it in items}
-    state = read_state(store)
-    existed = state.exists
     new_times = plan.times
-    if existed:
-        old = CubePlan.from_json(get_attr(store, "planetseg:plan"))
-        if old.grid_signature() != plan.grid_signature():
-            raise StoreMismatchError(
-                f"{store} holds a cube on another grid or with other bands: choose another --out "
-                "or delete it"
-            )
+    if old is not None:
+        _check_same_cube(store, old, plan)
         known = set(state.keys)
         new_times = tuple(t for t in plan.times if t.key not in known)
         if new_times and not state.complete:
@@ -898,6 +981,7 @@ def ingest(
                 f"{store} is an unfinished ingest of other acquisitions: re-run that ingest to "
                 "finish it before appending"
             )
+        check_overlap([by_id[i] for step in new_times for i in step.item_ids], old, store)
         plan = replace(
             old,
             times=old.times + new_times,
@@ -952,6 +1036,61 @@ def ingest(
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
     return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
+
+
+def _check_same_cube(store: Path, old: CubePlan, new: CubePlan) -> None:
+    """Refuse an ingest into ``store`` whose tiles, bands, dtype or labels are not the cube's.
+
+    Raises:
+        StoreMismatchError: naming the first setting that differs and the cube's value.
+    """
+    assets = ",".join(dict.fromkeys(b.asset for b in old.bands))
+    fixes = {
+        "tile": f"pass --tile {old.tile}",
+        "bands": f"pass --bands {assets}",
+        "dtype": f"pass --dtype {old.dtype}",
+        "labels": "give --labels as the cube was made (with or without)",
+    }
+    mine, theirs = new.grid_signature(), old.grid_signature()
+    for key, fix in fixes.items():
+        if mine[key] != theirs[key]:
+            raise StoreMismatchError(
+                f"{store} holds a cube with {key} {theirs[key]}, not {mine[key]}: {fix} to add "
+                "to it, or choose another --out"
+            )
+
+
+def check_overlap(items: Sequence[Item], cube: CubePlan, store: Path) -> None:
+    """Refuse items that do not reach the cube's grid at all (they would add nodata only).
+
+    An item's footprint is its ``proj:transform``/``proj:shape`` when it is in the cube's
+    CRS, else its lon/lat ``bbox`` projected onto the cube's CRS.
+
+    Raises:
+        InvalidArgumentError: naming the first such item, its extent and the cube's.
+    """
+    from pyproj import Transformer
+
+    from planetseg.bodies import body_of_crs
+
+    if not items:
+        return
+    target = parse_crs(cube.crs_wkt)
+    asset = cube.bands[0].asset
+    crss = [_item_crs(it, asset) for it in items]
+    left, bottom, right, top = cube.bounds
+    to_target = Transformer.from_crs(body_of_crs(target).crs, target, always_xy=True)
+    for item, crs in zip(items, crss, strict=True):
+        fp = _footprint(item, crs, asset, target, to_target)
+        if fp is None:
+            continue
+        if fp[0] < right and fp[2] > left and fp[1] < top and fp[3] > bottom:
+            continue
+        where = f" (lon/lat {_lonlat(item['bbox'])})" if item.get("bbox") else ""
+        raise InvalidArgumentError(
+            f"item {item['id']!r}{where} does not intersect the cube {store} (lon/lat "
+            f"{_lonlat(_cube_lonlat(cube))}): ingest it into another --out"
+        )
 
 
 def _create_store(

@@ -73,9 +73,10 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-#: Confidence (the winning class's softmax probability) is stored as uint8 steps of 1/254;
-#: 255 is the fill value of pixels not yet written.
+#: Confidence (the winning class's softmax probability) is stored as uint8 steps of 1/254.
 CONFIDENCE_STEPS = 254
+#: Confidence (and crater probability) of pixels not yet written, or whose input is missing.
+NO_DATA = 255
 #: The crater probability (the summed softmax of the crater classes: every class whose name
 #: contains "crater") is stored beside ``confidence``, quantised the same way, in stores of
 #: models that have crater classes; the attribute lists the classes summed.
@@ -478,7 +479,8 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     region = _cube_guard(plan.cube).read(
         "image", (plan.times[t_pos], slice(None), slice(ya, yb), slice(xa, xb))
     )
-    window = torch.from_numpy(np.asarray(region, dtype=np.float32)[None])
+    region, missing = _fill_missing(region, card["normalisation"]["mean"])
+    window = torch.from_numpy(region[None])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
     device = next(net.parameters()).device
@@ -492,6 +494,10 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
         outputs[CRATER_PROBABILITY] = _quantised(prob[plan.crater_values].sum(dim=0))
     arrays = {name: open_for_writing(out, name) for name in outputs}
     values = {name: v.cpu().numpy() for name, v in outputs.items()}
+    if missing is not None:
+        unknown = missing[y0 - ya : y1 - ya, x0 - xa : x1 - xa].repeat(s, 0).repeat(s, 1)
+        for name, array in values.items():
+            array[unknown] = 0 if name == "labels" else NO_DATA
     ys = slice(y0 * s, y1 * s)
     # One chunk per output tile: write tile by tile so every write is a whole chunk.
     for ix in range(ix0, ix1):
@@ -501,6 +507,26 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
             array[t_pos, ys, cx0:cx1] = values[name][:, lx]
     (progress_dir(Path(out)) / task_marker(index)).touch()
     return ix1 - ix0
+
+
+def _fill_missing(region: Any, mean: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The window as float32 with its missing values filled, and which pixels miss one.
+
+    A float cube's nodata is NaN (e.g. outside the footprint of an epoch appended onto the
+    cube's grid): fed to the network it would spread through every convolution into the valid
+    pixels around it. Missing values get their band's normalisation mean (0 once normalised),
+    and the pixels are marked (``NO_DATA`` confidence) in the output.
+
+    Returns:
+        ``(bands, y, x)`` float32, and the ``(y, x)`` mask of pixels with a band missing (None
+        when there is none).
+    """
+    region = np.asarray(region, dtype=np.float32)
+    finite = np.isfinite(region)
+    if finite.all():
+        return region, None
+    filled = np.where(finite, region, np.asarray(mean, np.float32)[:, None, None])
+    return filled, ~finite.all(axis=0)
 
 
 def _quantised(probability: Any) -> Any:
@@ -593,7 +619,7 @@ def _create_store(
         "dtype": "uint8",
         "scale_factor": 1.0 / CONFIDENCE_STEPS,
         "add_offset": 0.0,
-        "_FillValue": 255,
+        "_FillValue": NO_DATA,
     }
     encoding = {
         "labels": {"chunks": (1, c, c), "fill_value": 0},

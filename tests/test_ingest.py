@@ -30,12 +30,18 @@ import zarr
 from pyproj import CRS
 from rasterio.windows import Window, from_bounds
 
-from planetseg.config import IngestConfig, SearchConfig
-from planetseg.errors import InvalidArgumentError
+from planetseg.config import IngestConfig, SearchConfig, SegmentConfig
+from planetseg.errors import (
+    InvalidArgumentError,
+    MixedBodiesError,
+    PlanetsegWarning,
+    StoreMismatchError,
+)
 from planetseg.ingest import CubePlan, ingest, plan_ingest
 from planetseg.items import read_items, write_items
 from planetseg.loaders import get_loader
 from planetseg.search import search
+from planetseg.segment import CONFIDENCE_STEPS, NO_DATA, segment
 from planetseg.store import done_markers, progress_dir
 from planetseg.synthetic import CLASSES, SynthConfig, synthesize
 from tests.realdata import RealScene
@@ -298,6 +304,185 @@ def test_two_epochs_with_labels_then_append_then_rerun(
     third = ingest(world_items, config)
     assert (third.written, third.skipped, third.appended) == (0, 0, ())
     assert chunk_files(store) == after
+
+
+def crop_item(item: dict[str, Any], window: Window, out: Path, **props: Any) -> dict[str, Any]:
+    """A copy of ``item`` whose assets are ``window`` of its files (real GeoTIFFs, cropped)."""
+    from pyproj import Transformer
+
+    from planetseg.bodies import body_of_crs
+
+    crop = copy.deepcopy(item)
+    crop["id"] = f"{item['id']}-r{window.row_off}-c{window.col_off}"
+    out.mkdir(parents=True, exist_ok=True)
+    for key, asset in crop["assets"].items():
+        with rasterio.open(asset["href"]) as src:
+            profile = src.profile | {
+                "driver": "GTiff",
+                "width": window.width,
+                "height": window.height,
+                "transform": src.window_transform(window),
+                "tiled": False,
+            }
+            path = out / f"{crop['id']}-{key}.tif"
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(src.read(window=window))
+        asset["href"] = str(path)
+    with rasterio.open(crop["assets"]["image"]["href"]) as src:
+        transform, bounds, shape = src.transform, src.bounds, (src.height, src.width)
+    crs = CRS.from_user_input(item["properties"]["proj:code"])
+    lonlat = Transformer.from_crs(crs, body_of_crs(crs).crs, always_xy=True)
+    crop["bbox"] = list(lonlat.transform_bounds(*bounds))
+    w, s, e, n = crop["bbox"]
+    crop["geometry"] = {
+        "type": "Polygon",
+        "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]],
+    }
+    crop["properties"].update(
+        {
+            "proj:transform": list(transform)[:6],
+            "proj:shape": list(shape),
+            "proj:bbox": list(bounds),
+        },
+        **props,
+    )
+    return crop
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
+    world: dict[str, Path], dtype: str | None, tmp_path: Path
+) -> None:
+    # The cube: two epochs of the 256 px world's north-west 192 x 192 px, tiles of 64 px.
+    # Epoch 3: a crop from row 80 and column 100 to the scene's edge, so it covers part of
+    # the cube (some tiles wholly, some partly, the top row and left column not at all) and
+    # reaches beyond it.
+    items = read_items(world["items"])
+    cube_window, third_window = Window(0, 0, 192, 192), Window(100, 80, 156, 176)
+    first = [crop_item(it, cube_window, tmp_path / "crops") for it in items[:2]]
+    third = crop_item(items[2], third_window, tmp_path / "crops")
+    store = tmp_path / "cube.zarr"
+    config = IngestConfig(out=str(store), labels="labels", tile=64, dtype=dtype)
+    made = ingest(first, config)
+    assert made.plan.shape == (192, 192)
+    before = chunk_files(store)
+    assert len(before) == 2 * 2 * 9
+
+    result = ingest([*first, third], config)
+    assert result.appended == (third["properties"]["datetime"][:10],)
+    assert result.written == 9 and result.plan.shape == (192, 192)
+    assert result.plan.transform == made.plan.transform  # the cube's grid, not the new union
+    after = chunk_files(store)
+    assert {k: after[k] for k in before} == before  # earlier chunk files byte-identical, untouched
+    assert len(after) == 3 * 2 * 9  # every chunk of the new step written, all-nodata ones too
+    cube = open_cube(store)
+    assert cube.sizes["time"] == 3 and store_attrs(store)["planetseg:complete"] is True
+    for var, asset in (("image", "image"), ("labels", "labels")):
+        got = cube[var].isel(time=2).values.squeeze()
+        # Direct read: the item's file on the cube's grid (its window of it), nodata elsewhere:
+        # the cube's fill, as no nodata is declared (0 for integers, NaN for floats).
+        want = np.full((192, 192), np.nan if got.dtype.kind == "f" else 0, got.dtype)
+        want[80:, 100:] = read_band(Path(third["assets"][asset]["href"]))[: 192 - 80, : 192 - 100]
+        np.testing.assert_array_equal(got, want)
+    # Earlier epochs read as before.
+    np.testing.assert_array_equal(
+        cube["image"].isel(time=0, band=0).values,
+        read_band(Path(first[0]["assets"]["image"]["href"])),
+    )
+
+    # The partial epoch segments: every tile of the new step is there to read.
+    out = tmp_path / "labels.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanetsegWarning)  # the model expects 1 m pixels
+        segmented = segment(store, SegmentConfig(out=str(out), model=str(world["model"])))
+    assert (segmented.computed, segmented.kept) == (segmented.plan.n_tiles, 0)
+    group = zarr.open_group(str(out), mode="r")
+    confidence, s = group["confidence"][2], segmented.plan.scale
+    # Pixels without input (a float cube's NaN) are marked as such, and do not spread into
+    # the others: every pixel of the footprint has a softmax maximum, at least 1 / classes.
+    covered = np.zeros((192, 192), bool)
+    covered[80:, 100:] = True
+    if dtype is None:
+        covered[:] = True  # 0 is a pixel value to the model: every pixel is segmented
+    unknown = ~covered.repeat(s, 0).repeat(s, 1)
+    assert (confidence[unknown] == NO_DATA).all()
+    assert confidence[~unknown].min() >= CONFIDENCE_STEPS // len(segmented.plan.classes)
+    assert (group["labels"][2][unknown] == 0).all()
+
+
+def warped_item(item: dict[str, Any], crs: str, out: Path) -> dict[str, Any]:
+    """A copy of ``item`` whose assets are its files reprojected to ``crs`` (real GeoTIFFs)."""
+    from pyproj import Transformer
+    from rasterio.warp import calculate_default_transform, reproject
+
+    from planetseg.bodies import body_of_crs, celestial_proj
+
+    moved = copy.deepcopy(item)
+    moved["id"] = f"{item['id']}-{crs.replace(':', '-')}"
+    out.mkdir(parents=True, exist_ok=True)
+    dst_crs = rasterio.crs.CRS.from_user_input(crs)
+    with celestial_proj():  # a Moon scene onto a Mars CRS, when the test wants another body
+        for key, asset in moved["assets"].items():
+            with rasterio.open(asset["href"]) as src:
+                transform, w, h = calculate_default_transform(
+                    src.crs, dst_crs, src.width, src.height, *src.bounds
+                )
+                profile = src.profile | {
+                    "driver": "GTiff", "crs": dst_crs, "transform": transform, "width": w,
+                    "height": h, "tiled": False,
+                }  # fmt: skip
+                path = out / f"{moved['id']}-{key}.tif"
+                with rasterio.open(path, "w", **profile) as dst:
+                    reproject(rasterio.band(src, 1), rasterio.band(dst, 1))
+            asset["href"] = str(path)
+    lonlat = Transformer.from_crs(CRS(crs), body_of_crs(CRS(crs)).crs, always_xy=True)
+    moved["bbox"] = list(lonlat.transform_bounds(*rasterio.transform.array_bounds(h, w, transform)))
+    moved["properties"].update(
+        {"proj:code": crs, "proj:transform": list(transform)[:6], "proj:shape": [h, w]}
+    )
+    moved["properties"].pop("proj:bbox", None)
+    return moved
+
+
+def test_append_refuses_items_off_the_cube_or_of_another_crs_or_body(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    items = read_items(world["items"])
+    first = [crop_item(it, Window(0, 0, 128, 128), tmp_path / "crops") for it in items[:2]]
+    store = tmp_path / "cube.zarr"
+    ingest(first, IngestConfig(out=str(store), labels="labels", tile=64))
+    before = chunk_files(store)
+    off = crop_item(items[2], Window(200, 200, 56, 56), tmp_path / "crops")  # 72 px away
+    lonlat = warped_item(items[2], "IAU_2015:30100", tmp_path / "warped")  # the Moon in degrees
+    mars = warped_item(items[2], "IAU_2015:49910", tmp_path / "warped")
+    # On the command line: one line, naming the item and what to do.
+    listed = tmp_path / "items.ndjson"
+    write_items([*first, off], listed)
+    proc = planetseg(
+        "ingest", str(listed), "--out", str(store), "--labels", "labels", "--tile", "64"
+    )
+    assert_one_line_error(proc, off["id"], "does not intersect", "another --out")
+    cases = [
+        (lonlat, {}, StoreMismatchError, [lonlat["id"], "is in", "pass the cube's CRS as --crs"]),
+        # Reprojecting takes --crs naming the cube's CRS, not another.
+        (lonlat, {"crs": "IAU_2015:30100"}, StoreMismatchError, ["not the CRS of the cube"]),
+        (mars, {}, MixedBodiesError, ["mix bodies", "mars", mars["id"], "moon"]),
+    ]
+    for new, settings, error, words in cases:
+        config = IngestConfig(out=str(store), labels="labels", tile=64, **settings)
+        with pytest.raises(error) as info:
+            ingest([*first, new], config)
+        assert all(word in str(info.value) for word in words), str(info.value)
+        assert chunk_files(store) == before
+        assert store_attrs(store)["planetseg:complete"] is True
+        assert open_cube(store).sizes["time"] == 2
+    # With the cube's own CRS as --crs, the item is reprojected onto the cube's grid.
+    config = IngestConfig(out=str(store), labels="labels", tile=64, crs="IAU_2015:30110")
+    result = ingest([*first, lonlat], config)
+    assert len(result.appended) == 1 and result.plan.shape == (128, 128)
+    after = chunk_files(store)
+    assert {k: after[k] for k in before} == before
+    assert (open_cube(store)["image"].isel(time=2).values > 0).mean() > 0.9
 
 
 # --------------------------------------------------------------------------- crater labels

@@ -169,6 +169,77 @@ def test_discs_on_a_polar_stereographic_grid() -> None:
     np.testing.assert_array_equal((got > 0)[~rim], inside[~rim])
 
 
+def tiles_of(
+    transform: Affine, shape: tuple[int, int], tile: int
+) -> list[tuple[Affine, tuple[int, int]]]:
+    """Grid of each tile, cut as ingest cuts a cube (edge tiles smaller)."""
+    a, b, c, d, e, f = transform[:6]
+    return [
+        (
+            Affine(a, b, c + a * x0, d, e, f + e * y0),
+            (min(tile, shape[0] - y0), min(tile, shape[1] - x0)),
+        )
+        for y0 in range(0, shape[0], tile)
+        for x0 in range(0, shape[1], tile)
+    ]
+
+
+def edge_catalog(crs: str, transform: Affine, shape: tuple[int, int], tile: int) -> CraterCatalog:
+    """Craters centred on tile corners and just across tile edges, over the poles, across the
+    antimeridian, smaller than a pixel, and at random, in two classes."""
+    to_lonlat = Transformer.from_crs(CRS(crs), CRS(MOON_LONLAT), always_xy=True)
+    rng = np.random.default_rng(7)
+    rows = []
+    for y in range(0, shape[0] + 1, tile):
+        for x in range(0, shape[1] + 1, tile):
+            for dx, dy, size in ((0.0, 0.0, 120.0), (0.51, tile / 2, 40.0), (tile / 3, 0.49, 8.0)):
+                lon, lat = to_lonlat.transform(*(transform * (x + dx, y + dy)))
+                if np.isfinite(lon) and abs(lat) < 90:
+                    rows.append((lon, lat, float(rng.uniform(1, size)), "ab"[len(rows) % 2]))
+    rows += [(179.6, -30.0, 300.0, "a"), (-179.9, 12.0, 150.0, "b"), (10.0, 88.0, 400.0, "a")]
+    rows += [(-60.0, -89.0, 90.0, "b"), (33.3, 44.4, 0.2, "b"), (120.0, 86.5, 0.3, "a")]
+    n = 300
+    for lon, lat, d in zip(
+        rng.uniform(-180, 180, n), rng.uniform(-89, 89, n), rng.pareto(1.5, n), strict=True
+    ):
+        rows.append((lon, lat, 1.0 + 10 * d, "ab"[int(d < 0.5)]))
+    table = pd.DataFrame(rows, columns=["lon", "lat", "diameter_km", "class"])
+    table["lon"] = (table["lon"] + 180.0) % 360.0 - 180.0
+    return CraterCatalog(table, "edges")
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform", "shape", "tile"),
+    [
+        # Global lon/lat grid: craters cross the antimeridian onto the other edge.
+        (MOON_LONLAT, Affine(0.5, 0, -180, 0, -0.5, 90), (360, 720), 100),
+        # Longitudes 0..360: the craters of -180..0 are drawn 360 degrees east.
+        (MOON_LONLAT, Affine(0.5, 0, 0, 0, -0.5, 90), (360, 720), 96),
+        # North polar stereographic (metres): the pole, and discs across it, inside tiles.
+        ("IAU_2015:30130", Affine(3000.0, 0, -450_000.0, 0, -3000.0, 450_000.0), (300, 300), 64),
+    ],
+)
+def test_indexed_tiles_equal_testing_every_crater(
+    crs: str, transform: Affine, shape: tuple[int, int], tile: int
+) -> None:
+    cat = edge_catalog(crs, transform, shape, tile)
+    values = {"a": 1, "b": 2}
+    index = cat.index(crs)
+    assert cat.index(crs) is index  # built once per catalog and CRS
+    near, drawn = [], set()
+    for grid, tile_shape in tiles_of(transform, shape, tile):
+        got = rasterize_craters(cat, crs=crs, transform=grid, shape=tile_shape, values=values)
+        want = rasterize_craters(
+            cat, crs=crs, transform=grid, shape=tile_shape, values=values, indexed=False
+        )
+        np.testing.assert_array_equal(got, want)
+        near.append(len(index.query(grid, tile_shape)))
+        drawn |= set(np.unique(got).tolist())
+    # The index does narrow the craters down, and the tiles hold both classes.
+    assert max(near) < len(cat.table) and min(near) < len(cat.table) / 4
+    assert drawn == {0, 1, 2}
+
+
 def test_polygons_of_another_body_are_refused(tmp_path: Path) -> None:
     import geopandas as gpd
     import shapely
