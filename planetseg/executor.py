@@ -163,8 +163,8 @@ def execute(
             if not running:
                 return computed
             future = backend.next_done()
+            units = future.result()  # a failed task's future stays in running: cancelled below
             running.discard(future)
-            units = future.result()
             backend.release(future)
             finished(units)
     except BaseException:
