@@ -654,12 +654,16 @@ def check_assets(items: Sequence[Item], plan: CubePlan, *, threads: int = 8) -> 
 
 
 def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool) -> Any:
-    """A Dataset with the store's variables as never-computed Dask zeros (metadata only)."""
+    """A Dataset with the store's variables as never-computed Dask zeros (metadata only).
+
+    One Dask chunk per variable (the zarr chunks come from :func:`_encoding`): to_zarr writes
+    metadata only, and a graph of one node per tile would cost minutes and gigabytes to build
+    for a terabyte cube.
+    """
     import dask.array as da
     import xarray as xr
 
     h, w = plan.shape
-    t = plan.tile
     nb = len(plan.bands)
     coords = {
         "time": np.array([_np_time(s.datetime) for s in times], dtype="datetime64[ns]"),
@@ -667,18 +671,18 @@ def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool)
         **pixel_centres(plan.transform, plan.shape),
         "spatial_ref": xr.Variable((), np.int32(0), attrs=cf_attrs(plan.crs_wkt, plan.transform)),
     }
-    image = da.zeros((len(times), nb, h, w), dtype=plan.dtype, chunks=(1, nb, t, t))
+    image = da.zeros((len(times), nb, h, w), dtype=plan.dtype, chunks=-1)
     data = {"image": (("time", "band", "y", "x"), image, {"grid_mapping": "spatial_ref"})}
     if plan.label_asset:
         data["labels"] = (
             ("time", "y", "x"),
-            da.zeros((len(times), h, w), dtype="uint8", chunks=(1, t, t)),
+            da.zeros((len(times), h, w), dtype="uint8", chunks=-1),
             {"grid_mapping": "spatial_ref"},
         )
     if static_labels:
         data["labels"] = (
             ("y", "x"),
-            da.zeros((h, w), dtype="uint8", chunks=(t, t)),
+            da.zeros((h, w), dtype="uint8", chunks=-1),
             {"grid_mapping": "spatial_ref"},
         )
     ds = xr.Dataset(data, coords=coords)
@@ -704,7 +708,8 @@ def _encoding(plan: CubePlan, ds: Any) -> dict[str, Any]:
         "time": {"units": "microseconds since 1970-01-01", "dtype": "int64"},
     }
     if "labels" in ds:
-        enc["labels"] = {"chunks": ds["labels"].data.chunksize, "fill_value": 0}
+        chunks = (t, t) if ds["labels"].dims == ("y", "x") else (1, t, t)
+        enc["labels"] = {"chunks": chunks, "fill_value": 0}
     return enc
 
 
