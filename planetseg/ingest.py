@@ -2,9 +2,12 @@
 
 Plan, then execute. :func:`plan_ingest` looks only at item metadata (and opens each asset's
 header once, to fail early on unreadable assets) and returns a small picklable
-:class:`CubePlan`: the grid, the time steps and the items in each, the bands. Execution builds
-the lazy cube through a :mod:`~planetseg.loaders` engine and writes it tile by tile, one zarr
-chunk per tile, in bounded partitions, on a Dask cluster or the threaded scheduler.
+:class:`CubePlan`: the grid, the time steps and the items in each, the bands. Execution runs
+:class:`BlockTasks` on :func:`planetseg.executor.execute`, on a Dask cluster or this process's
+threads: task ``i`` is one read block of one time step, computed from ``i``; it reads its own
+pixels through a :mod:`~planetseg.loaders` engine (:meth:`Loader.read_block`, from the items
+whose footprint meets the block, sent to each worker once as :class:`BlockSources`) and
+writes them tile by tile, one zarr chunk per tile. No graph of the whole cube is built.
 
 Store layout (zarr v3, written through xarray, readable by rioxarray)::
 

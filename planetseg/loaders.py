@@ -3,7 +3,8 @@
 The I/O boundary of ingest is one small contract, :class:`Loader`: given the items of a plan and
 the plan itself, return ``image(time, band, y, x)`` (and ``labels(time, y, x)`` when the plan
 takes labels from a raster asset) as Dask-backed arrays chunked one read block (``plan.block``
-pixels, whole tiles) per chunk, **without reading pixels**. Two engines implement it:
+pixels, whole tiles) per chunk, **without reading pixels**; and ``read_block``, the pixels of one
+block of one time step, read now, which is what an ingest task calls. Two engines implement it:
 
 * ``odc`` (default): odc-stac. It understands WKT2 and IAU CRSs (with PROJ's celestial-body
   check lifted, see :func:`planetseg.bodies.celestial_proj`) and multi-band assets.
