@@ -226,3 +226,33 @@ def test_ingest_uses_workers_added_mid_run(small_world: Any, tmp_path: Path) -> 
     # The same bytes as an ingest in this process.
     alone = ingest(items, IngestConfig(out=str(tmp_path / "alone.zarr"), tile=32, read_block=32))
     assert chunk_hashes(result.store) == chunk_hashes(alone.store)
+
+
+def test_ingest_blocks_cover_every_tile_once() -> None:
+    from planetseg.ingest import BandSpec, BlockTasks, CubePlan, TimeStep, tile_marker
+
+    times = tuple(TimeStep(f"day{k}", f"2020-01-0{k + 1}T00:00:00Z", (f"item{k}",)) for k in (0, 1))
+    plan = CubePlan(
+        crs_wkt="EPSG:32633", body="earth", transform=(10.0, 0.0, 0.0, 0.0, -10.0, 0.0),
+        shape=(1000, 700), tile=128, times=times, bands=(BandSpec("image", "image"),),
+        dtype="uint8", nodata=None, label_source="/x/craters.csv", read_block=300,
+    )  # fmt: skip
+    tasks = BlockTasks.of(plan)
+    assert tasks.plan.times[0].item_ids == ()  # tasks carry no item ids
+    ny, nx = plan.tiles_yx  # 8 x 6 tiles of 128 px, blocks of 256 px (2 x 2 tiles)
+    assert (tasks.per_block, tasks.blocks_yx, tasks.n_tasks) == (2, (4, 3), 3 * 12)
+    seen = [(tasks.block(i)[0], *k) for i in range(tasks.n_tasks) for k in tasks.tiles(i)]
+    every = [(t, iy, ix) for t in (0, 1, None) for iy in range(ny) for ix in range(nx)]
+    assert sorted(seen, key=str) == sorted(every, key=str)  # each tile once
+    for i in range(tasks.n_tasks):
+        t = tasks.block(i)[0]
+        assert all(tasks.task_of(t, *k) == i for k in tasks.tiles(i))
+        assert tasks.markers(i) == [tile_marker(t, *k) for k in tasks.tiles(i)]
+        ys, xs = tasks.window(i)
+        assert 0 < ys.stop - ys.start <= 256 and 0 < xs.stop - xs.start <= 256
+    assert tasks.todo(0, False) == range(36) and tasks.n_tiles(range(36)) == 3 * ny * nx
+    assert tasks.todo(1, False) == range(12, 36) and tasks.todo(2, True) == range(24, 24)
+    assert tasks.block(35) == (None, 3, 2) and tasks.window(35) == (
+        slice(768, 1000),
+        slice(512, 700),
+    )
