@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             fresh(stores["ps"])
             fresh(stores["naive"])
 
-        report(machine_facts(), args, nbytes, rates, secs, cpus, reqs, phases)
+        tile_bytes = len(plan.bands) * TILE * TILE * np.dtype(plan.dtype).itemsize
+        report(machine_facts(), args, nbytes, tile_bytes, rates, secs, cpus, reqs, phases)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -553,6 +554,7 @@ def report(
     facts: dict[str, str],
     args: argparse.Namespace,
     nbytes: int,
+    tile_bytes: int,
     rates: dict[str, list[float]],
     secs: dict[str, list[float]],
     cpus: dict[str, list[float]],
@@ -569,8 +571,8 @@ def report(
     print()
     width = max(len(n) for n in rates)
     print(
-        f"{'method':<{width}}  {'median MB/s':>11}  {'median s':>8}  {'min..max s':>13}  "
-        f"{'CPU s':>6}  {'HTTP req':>8}"
+        f"{'method':<{width}}  {'median MB/s':>11}  {'tiles/s':>7}  {'median s':>8}  "
+        f"{'min..max s':>13}  {'CPU s':>6}  {'HTTP req':>8}"
     )
     for name in rates:
         s = secs[name]
@@ -578,11 +580,13 @@ def report(
         cpu = "-" if "Cluster" in name else f"{statistics.median(cpus[name]):.2f}"
         print(
             f"{name:<{width}}  {statistics.median(rates[name]):>11.1f}  "
+            f"{statistics.median(rates[name]) * 1e6 / tile_bytes:>7.1f}  "
             f"{statistics.median(s):>8.2f}  {min(s):>6.2f}..{max(s):<6.2f}  {cpu:>6}  "
             f"{reqs[name]:>8d}"
         )
     print(
-        "(MB = 10^6 bytes of decoded pixels; CPU s = this process only, median; "
+        f"(MB = 10^6 bytes of decoded pixels; tiles/s = {TILE} px tiles of every band; "
+        "CPU s = this process only, median; "
         "HTTP req = requests the server answered in the last repeat)"
     )
     print()
