@@ -18,6 +18,12 @@ planetseg/naive and planetseg/ceiling. Before timing, the script checks once tha
 and naive stores hold identical pixels (a fair comparison). ``--phases`` adds a breakdown of
 where a threaded planetseg run spends its time, and ``--read-block 1024`` a naive run that reads
 1024-px blocks into the same 512-px chunks.
+
+``--plan`` measures the driver instead (nothing is read): the time and peak RSS to plan a virtual
+cube (one epoch of one uint8 band, a 4 x 4 grid of items whose metadata says they cover it),
+create its store's metadata, and generate the first ``--tasks`` tasks (their blocks, markers and
+the items each reads), for a 64 GB (2^18 px a side) and a 1 TB (2^20 px) cube, each in a fresh
+process. Flat means the 1 TB figures equal the 64 GB ones, though the cube has 16x the blocks.
 """
 
 from __future__ import annotations
@@ -220,25 +226,25 @@ class Phases:
                 "read_state",
                 "_create_store",
                 "_execute",
-                "_run",
+                "ingest_block",
                 "set_attrs",
                 "_write_block",
             )
         }
         saved_open = zarr.open_array
-        saved_load = loader.load
+        saved_read = loader.read_block
         try:
             for n, fn in saved_mod.items():
                 setattr(ps_ingest, n, self._timed(n, fn))
             # _write_block imports zarr inside, so patching the module attribute reaches it.
             zarr.open_array = self._timed("  zarr.open_array (in _write_block)", saved_open)
-            loader.load = self._timed("  loader.load (build lazy cube)", saved_load)
+            loader.read_block = self._timed("  loader.read_block (in ingest_block)", saved_read)
             yield
         finally:
             for n, fn in saved_mod.items():
                 setattr(ps_ingest, n, fn)
             zarr.open_array = saved_open
-            loader.load = saved_load
+            loader.read_block = saved_read
 
 
 def mbps(nbytes: int, seconds: float) -> float:
@@ -250,6 +256,142 @@ def fresh(path: Path) -> None:
     """Remove a store and its progress folder (untimed)."""
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(path.with_name(path.name + PROGRESS_SUFFIX), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def virtual_items(template: Item, side: int, grid: int = 4) -> list[Item]:
+    """``grid`` x ``grid`` items of ``side / grid`` px each, tiling a ``side`` px square.
+
+    Copies of a synthetic item whose projection metadata (shape, transform) is rewritten: the
+    planner reads only metadata, so no pixel exists behind them.
+    """
+    import copy
+
+    a, _, c, _, e, f = template["properties"]["proj:transform"][:6]
+    part = side // grid
+    items = []
+    for row in range(grid):
+        for col in range(grid):
+            item = copy.deepcopy(template)
+            item["id"] = f"virtual-{row}-{col}"
+            grid_meta = {
+                "proj:shape": [part, part],
+                "proj:transform": [a, 0.0, c + a * col * part, 0.0, e, f + e * row * part],
+            }
+            item["properties"].update(grid_meta)
+            for asset in item["assets"].values():
+                if "proj:shape" in asset or "proj:transform" in asset:
+                    asset.update(grid_meta)
+            items.append(item)
+    return items
+
+
+def driver_steps(items: list[Item], out: Path, n_tasks: int) -> dict[str, Any]:
+    """Plan, create the store's metadata, generate the first ``n_tasks`` tasks; time each."""
+    import itertools
+    import pickle
+
+    from planetseg.executor import pending
+    from planetseg.store import prepare_output
+
+    by_id = {it["id"]: it for it in items}
+    config = IngestConfig(out=str(out))
+    t0 = time.perf_counter()
+    plan = ps_ingest.plan_ingest(items, config)
+    t1 = time.perf_counter()
+    ps_ingest._create_store(prepare_output(out, "ingest", kind="store"), plan, config, None, by_id)
+    t2 = time.perf_counter()
+    tasks = ps_ingest.BlockTasks.of(plan)
+    sources = ps_ingest.BlockSources.of(plan, by_id, "odc")
+    todo = tasks.todo(0, True)
+    read = generated = 0
+    for index in itertools.islice(pending(tasks, set(), todo), n_tasks):
+        t, _, _ = tasks.block(index)
+        tasks.markers(index)
+        read += len(sources.meeting(t, plan, tasks.window(index)))
+        generated += 1
+    t3 = time.perf_counter()
+    return {
+        "tiles": tasks.n_tiles(todo),
+        "tasks": tasks.n_tasks,
+        "plan_s": t1 - t0,
+        "store_s": t2 - t1,
+        "tasks_s": t3 - t2,
+        "generated": generated,
+        "items_read": read / max(generated, 1),
+        "task_bytes": len(pickle.dumps((tasks, 0, str(out)))),
+    }
+
+
+def plan_child(template_path: str, side: int, n_tasks: int) -> None:
+    """In a fresh process: the driver's steps on a ``side`` px virtual cube; print JSON.
+
+    The same steps run first on a small cube (imports, PROJ's database), so the figures are
+    the driver's work, not Python's imports; RSS growth is measured from after that warm-up.
+    """
+    import json
+    import resource
+
+    template = read_items(template_path)[0]
+    work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
+    try:
+        driver_steps(virtual_items(template, 4096), work / "warm.zarr", n_tasks)
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        row = driver_steps(virtual_items(template, side), work / "cube.zarr", n_tasks)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        row.update(side=side, bytes=side * side, rss_mib=peak / 1024)
+        row["rss_growth_mib"] = (peak - baseline) / 1024
+        print(json.dumps(row))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plan_part(n_tasks: int) -> None:
+    """Plan a 64 GB and a 1 TB virtual cube, each in a fresh process, and print the table."""
+    import json
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
+    try:
+        world = synthesize(work / "world", config=SynthConfig(size=256))
+        rows = []
+        for side in (2**18, 2**20):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--plan-child", str(world.items), str(side)]
+                + ["--tasks", str(n_tasks)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {cpu()}; nproc {os.cpu_count()}; loadavg {os.getloadavg()[0]:.2f}")
+    print(
+        f"driver cost of a virtual cube (1 epoch, 1 uint8 band, 16 items, 512 px tiles, 1024 px "
+        f"read blocks), the first {n_tasks:,} tasks generated:"
+    )
+    print(
+        f"{'cube':>8}  {'tiles':>11}  {'tasks':>10}  {'plan s':>7}  {'store s':>7}  "
+        f"{'tasks s':>7}  {'items/task':>10}  {'task B':>6}  {'peak RSS MiB':>12}  "
+        f"{'RSS growth MiB':>14}"
+    )
+    for r in rows:
+        size = f"{r['bytes'] / 1e9:,.0f} GB"
+        print(
+            f"{size:>8}  {r['tiles']:>11,}  {r['tasks']:>10,}  {r['plan_s']:>7.3f}  "
+            f"{r['store_s']:>7.3f}  {r['tasks_s']:>7.3f}  {r['items_read']:>10.2f}  "
+            f"{r['task_bytes']:>6}  {r['rss_mib']:>12.0f}  {r['rss_growth_mib']:>14.0f}"
+        )
+    small, big = rows
+    total = [r["plan_s"] + r["store_s"] + r["tasks_s"] for r in rows]
+    print(
+        f"1 TB / 64 GB ({big['tasks'] // small['tasks']}x the tasks): driver time "
+        f"{total[1] / total[0]:.2f}x, RSS growth "
+        f"{big['rss_growth_mib'] / max(small['rss_growth_mib'], 1):.2f}x"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -270,7 +412,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--phases", action="store_true", help="also time planetseg's phases (threaded run)"
     )
+    parser.add_argument(
+        "--plan", action="store_true", help="time the driver on virtual 64 GB and 1 TB cubes only"
+    )
+    parser.add_argument("--tasks", type=int, default=10_000, help="tasks generated by --plan")
+    parser.add_argument("--plan-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plan_child:
+        plan_child(args.plan_child[0], int(args.plan_child[1]), args.tasks)
+        return
+    if args.plan:
+        plan_part(args.tasks)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
@@ -391,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             fresh(stores["ps"])
             fresh(stores["naive"])
 
-        report(machine_facts(), args, nbytes, rates, secs, cpus, reqs, phases)
+        tile_bytes = len(plan.bands) * TILE * TILE * np.dtype(plan.dtype).itemsize
+        report(machine_facts(), args, nbytes, tile_bytes, rates, secs, cpus, reqs, phases)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -400,6 +554,7 @@ def report(
     facts: dict[str, str],
     args: argparse.Namespace,
     nbytes: int,
+    tile_bytes: int,
     rates: dict[str, list[float]],
     secs: dict[str, list[float]],
     cpus: dict[str, list[float]],
@@ -416,8 +571,8 @@ def report(
     print()
     width = max(len(n) for n in rates)
     print(
-        f"{'method':<{width}}  {'median MB/s':>11}  {'median s':>8}  {'min..max s':>13}  "
-        f"{'CPU s':>6}  {'HTTP req':>8}"
+        f"{'method':<{width}}  {'median MB/s':>11}  {'tiles/s':>7}  {'median s':>8}  "
+        f"{'min..max s':>13}  {'CPU s':>6}  {'HTTP req':>8}"
     )
     for name in rates:
         s = secs[name]
@@ -425,11 +580,13 @@ def report(
         cpu = "-" if "Cluster" in name else f"{statistics.median(cpus[name]):.2f}"
         print(
             f"{name:<{width}}  {statistics.median(rates[name]):>11.1f}  "
+            f"{statistics.median(rates[name]) * 1e6 / tile_bytes:>7.1f}  "
             f"{statistics.median(s):>8.2f}  {min(s):>6.2f}..{max(s):<6.2f}  {cpu:>6}  "
             f"{reqs[name]:>8d}"
         )
     print(
-        "(MB = 10^6 bytes of decoded pixels; CPU s = this process only, median; "
+        f"(MB = 10^6 bytes of decoded pixels; tiles/s = {TILE} px tiles of every band; "
+        "CPU s = this process only, median; "
         "HTTP req = requests the server answered in the last repeat)"
     )
     print()
@@ -437,8 +594,10 @@ def report(
     pairs = [("planetseg/naive   (threads)", "planetseg threads", naive)]
     pairs.append(("planetseg/ceiling (threads)", "planetseg threads", ceiling))
     if "planetseg LocalCluster 2x1" in rates:
-        pairs.append(("planetseg LocalCluster/naive", "planetseg LocalCluster 2x1", naive))
-        pairs.append(("planetseg LocalCluster/ceiling", "planetseg LocalCluster 2x1", ceiling))
+        cluster = "planetseg LocalCluster 2x1"
+        pairs.append(("planetseg LocalCluster/naive", cluster, naive))
+        pairs.append(("planetseg LocalCluster/threads", cluster, "planetseg threads"))
+        pairs.append(("planetseg LocalCluster/ceiling", cluster, ceiling))
     pairs.append(("naive/ceiling", naive, ceiling))
     for label, a, b in pairs:
         per_rep = [x / y for x, y in zip(rates[a], rates[b], strict=True)]

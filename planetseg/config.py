@@ -144,7 +144,9 @@ class IngestConfig:
         label_field: Class column of a polygon file.
         fill_missing: Fill items whose assets cannot be read with nodata (with a warning)
             instead of failing.
-        batch_tiles: Tiles per submitted partition; bounds the graph and memory.
+        batch_tiles: Tiles kept on the cluster at once (rounded down to whole read blocks, at
+            least one); None for 2 read blocks per worker thread, following the cluster's
+            threads as workers join or leave.
         read_block: Pixels per side read from the assets at once (whole tiles): bigger blocks
             open each COG fewer times; writes stay one chunk per tile.
     """
@@ -162,7 +164,7 @@ class IngestConfig:
     labels: str | None = None
     label_field: str = "class"
     fill_missing: bool = False
-    batch_tiles: int = 64
+    batch_tiles: int | None = None
     read_block: int = 1024
 
     def __post_init__(self) -> None:
@@ -187,7 +189,7 @@ class IngestConfig:
         if self.dtype is not None:
             _check_dtype(self.dtype)
         _check_resampling(self.resampling)
-        _int_at_least("batch_tiles", self.batch_tiles, 1, "give at least 1 tile per partition")
+        _optional_int_at_least("batch_tiles", self.batch_tiles, 1, "give at least 1 tile")
         _int_at_least("read_block", self.read_block, 0, "give a block side >= 0 px")
 
 

@@ -2,9 +2,12 @@
 
 Plan, then execute. :func:`plan_ingest` looks only at item metadata (and opens each asset's
 header once, to fail early on unreadable assets) and returns a small picklable
-:class:`CubePlan`: the grid, the time steps and the items in each, the bands. Execution builds
-the lazy cube through a :mod:`~planetseg.loaders` engine and writes it tile by tile, one zarr
-chunk per tile, in bounded partitions, on a Dask cluster or the threaded scheduler.
+:class:`CubePlan`: the grid, the time steps and the items in each, the bands. Execution runs
+:class:`BlockTasks` on :func:`planetseg.executor.execute`, on a Dask cluster or this process's
+threads: task ``i`` is one read block of one time step, computed from ``i``; it reads its own
+pixels through a :mod:`~planetseg.loaders` engine (:meth:`Loader.read_block`, from the items
+whose footprint meets the block, sent to each worker once as :class:`BlockSources`) and
+writes them tile by tile, one zarr chunk per tile. No graph of the whole cube is built.
 
 Store layout (zarr v3, written through xarray, readable by rioxarray)::
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -39,7 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -586,20 +590,26 @@ def _extent(
     return inter
 
 
-def _footprint(
-    item: Item, crs: str, asset: str, target: Any, to_target: Any
-) -> tuple[float, float, float, float] | None:
-    """``(left, bottom, right, top)`` of an item in the ``target`` CRS, if it says.
+class Footprint(NamedTuple):
+    """An item's bounds in the cube's CRS; ``approx`` when transformed from its lon/lat bbox."""
 
-    Its own grid when it is in ``target``, else its lon/lat ``bbox`` (``to_target`` projects
-    the body's lon/lat onto ``target``).
-    """
+    left: float
+    bottom: float
+    right: float
+    top: float
+    approx: bool
+
+
+def _footprint(item: Item, crs: str, asset: str, target: Any, to_target: Any) -> Footprint | None:
+    """Bounds of ``item`` in ``target``: its own grid's if in that CRS, else its bbox's."""
     grid = _item_grid(item, asset)
     if grid is not None and parse_crs(crs) == target:
         (a, _, c, _, e, f), (h, w) = grid
-        return (min(c, c + a * w), min(f, f + e * h), max(c, c + a * w), max(f, f + e * h))
+        xs, ys = sorted((c, c + a * w)), sorted((f, f + e * h))
+        return Footprint(xs[0], ys[0], xs[1], ys[1], False)
     if item.get("bbox"):
-        return to_target.transform_bounds(*item["bbox"][:2], *item["bbox"][-2:], densify_pts=21)
+        bbox = item["bbox"]
+        return Footprint(*to_target.transform_bounds(*bbox[:2], *bbox[-2:], densify_pts=21), True)
     return None
 
 
@@ -723,12 +733,16 @@ def check_assets(items: Sequence[Item], plan: CubePlan, *, threads: int = 8) -> 
 
 
 def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool) -> Any:
-    """A Dataset with the store's variables as never-computed Dask zeros (metadata only)."""
+    """A Dataset with the store's variables as never-computed Dask zeros (metadata only).
+
+    One Dask chunk per variable (the zarr chunks come from :func:`_encoding`): to_zarr writes
+    metadata only, and a graph of one node per tile would cost minutes and gigabytes to build
+    for a terabyte cube.
+    """
     import dask.array as da
     import xarray as xr
 
     h, w = plan.shape
-    t = plan.tile
     nb = len(plan.bands)
     coords = {
         "time": np.array([_np_time(s.datetime) for s in times], dtype="datetime64[ns]"),
@@ -736,18 +750,18 @@ def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool)
         **pixel_centres(plan.transform, plan.shape),
         "spatial_ref": xr.Variable((), np.int32(0), attrs=cf_attrs(plan.crs_wkt, plan.transform)),
     }
-    image = da.zeros((len(times), nb, h, w), dtype=plan.dtype, chunks=(1, nb, t, t))
+    image = da.zeros((len(times), nb, h, w), dtype=plan.dtype, chunks=-1)
     data = {"image": (("time", "band", "y", "x"), image, {"grid_mapping": "spatial_ref"})}
     if plan.label_asset:
         data["labels"] = (
             ("time", "y", "x"),
-            da.zeros((len(times), h, w), dtype="uint8", chunks=(1, t, t)),
+            da.zeros((len(times), h, w), dtype="uint8", chunks=-1),
             {"grid_mapping": "spatial_ref"},
         )
     if static_labels:
         data["labels"] = (
             ("y", "x"),
-            da.zeros((h, w), dtype="uint8", chunks=(t, t)),
+            da.zeros((h, w), dtype="uint8", chunks=-1),
             {"grid_mapping": "spatial_ref"},
         )
     ds = xr.Dataset(data, coords=coords)
@@ -773,7 +787,8 @@ def _encoding(plan: CubePlan, ds: Any) -> dict[str, Any]:
         "time": {"units": "microseconds since 1970-01-01", "dtype": "int64"},
     }
     if "labels" in ds:
-        enc["labels"] = {"chunks": ds["labels"].data.chunksize, "fill_value": 0}
+        chunks = (t, t) if ds["labels"].dims == ("y", "x") else (1, t, t)
+        enc["labels"] = {"chunks": chunks, "fill_value": 0}
     return enc
 
 
@@ -1000,29 +1015,24 @@ def ingest(
         drop_partial_writes(store)
     create_owned_dir(progress_dir(store), "ingest")
     state = read_state(store)
-    todo = unfinished_tiles(plan, state.times_done, state.static_done)
-    pending = [k for k in todo if tile_marker(*k) not in state.done]
-    lost = _lost_tiles(store, plan, known=set(todo)) if existed and not new_times else []
+    tasks = BlockTasks.of(plan)
+    todo = tasks.todo(state.times_done, state.static_done)
+    lost = _lost_tiles(store, plan, tasks, todo) if existed and not new_times else []
     if lost:
         # A complete store that lost chunks: rewrite their tiles, marked unfinished meanwhile.
         logger.warning("%s: %d tile(s) lost chunks: rewriting them", store, len(lost))
         set_attrs(store, **{"planetseg:complete": False})
-        pending += lost
-        todo = unfinished_tiles(plan)
-    skipped = len(todo) - len(pending)
-    if pending:
-        _execute(
-            store,
-            plan,
-            by_id,
-            loader,
-            pending,
-            client=client,
-            progress=progress,
-            batch=config.batch_tiles,
-            skipped=skipped,
-            total=len(todo),
-        )
+    written, skipped = _execute(
+        store,
+        tasks,
+        todo,
+        BlockSources.of(plan, by_id, config.engine),
+        done=state.done,
+        lost=lost,
+        client=client,
+        progress=progress,
+        batch=config.batch_tiles,
+    )
     set_attrs(
         store,
         **{
@@ -1034,8 +1044,8 @@ def ingest(
     consolidate(store)
     remove_owned(progress_dir(store), "ingest")
     appended = tuple(s.key for s in new_times) if existed else ()
-    logger.info("%s: %d tiles written, %d already there", store, len(pending), skipped)
-    return IngestResult(store, plan, len(pending), skipped, appended, tuple(filled))
+    logger.info("%s: %d tiles written, %d already there", store, written, skipped)
+    return IngestResult(store, plan, written, skipped, appended, tuple(filled))
 
 
 def _check_same_cube(store: Path, old: CubePlan, new: CubePlan) -> None:
@@ -1134,9 +1144,9 @@ def unfinished_tiles(
 
 
 def _lost_tiles(
-    store: Path, plan: CubePlan, *, known: set[tuple[int | None, int, int]]
+    store: Path, plan: CubePlan, tasks: BlockTasks, todo: range
 ) -> list[tuple[int | None, int, int]]:
-    """Tiles outside ``known`` with a chunk missing, in a store that writes every chunk.
+    """Tiles outside the tasks ``todo`` with a chunk missing, in a store that writes every chunk.
 
     A full listing of the store: done when an ingest is re-run on an existing store, which is
     how a store that lost chunks is repaired.
@@ -1149,7 +1159,10 @@ def _lost_tiles(
     if plan.label_asset or plan.label_source:
         for coords in missing_chunks(store, "labels"):
             lost.add((None, *coords) if len(coords) == 2 else coords)  # type: ignore[arg-type]
-    return sorted(lost - known, key=lambda k: (k[0] is None, k[0] or 0, k[1], k[2]))
+    return sorted(
+        (k for k in lost if tasks.task_of(*k) not in todo),
+        key=lambda k: (k[0] is None, k[0] or 0, k[1], k[2]),
+    )
 
 
 def _append_times(store: Path, plan: CubePlan, new_times: Sequence[TimeStep]) -> None:
@@ -1231,84 +1244,258 @@ def _classes(plan: CubePlan, items: dict[str, Item]) -> dict[str, str]:
     return {"0": "background", **{str(v): k for k, v in values.items()}}
 
 
+@dataclass(frozen=True)
+class BlockTasks:
+    """Ingest's work as numbered tasks (a :class:`planetseg.executor.TaskPlan`).
+
+    Task ``index`` is one read block (``plan.block`` px a side, whole tiles) of one time step
+    (``t * blocks + row * block columns + column``), or, after every time step's, one block of
+    the time-less labels. Computed from the index, never listed. A task writes the block's
+    tiles, each followed by its marker (:func:`tile_marker`), so a task is done when all its
+    tiles' markers are there.
+
+    Attributes:
+        plan: The cube's plan, without the time steps' item ids (each task carries it; the
+            items travel once, in :class:`BlockSources`).
+    """
+
+    plan: CubePlan
+
+    @classmethod
+    def of(cls, plan: CubePlan) -> BlockTasks:
+        """The tasks of ``plan`` (all time steps, and the time-less labels if it has them)."""
+        times = tuple(replace(step, item_ids=()) for step in plan.times)
+        return cls(replace(plan, times=times))
+
+    @property
+    def per_block(self) -> int:
+        """Tiles per block side."""
+        return self.plan.block // self.plan.tile
+
+    @property
+    def blocks_yx(self) -> tuple[int, int]:
+        """Blocks along y and x."""
+        ny, nx = self.plan.tiles_yx
+        return math.ceil(ny / self.per_block), math.ceil(nx / self.per_block)
+
+    @property
+    def per_time(self) -> int:
+        """Blocks per time step (and of the time-less labels)."""
+        by, bx = self.blocks_yx
+        return by * bx
+
+    @property
+    def n_tasks(self) -> int:
+        """Blocks of every time step, then of the time-less labels."""
+        static = 1 if self.plan.label_source else 0
+        return (len(self.plan.times) + static) * self.per_time
+
+    def todo(self, times_done: int, static_done: bool) -> range:
+        """Tasks after the first ``times_done`` time steps (the time-less ones, unless done)."""
+        end = len(self.plan.times) if static_done else len(self.plan.times) + 1
+        return range(times_done * self.per_time, min(end * self.per_time, self.n_tasks))
+
+    def block(self, index: int) -> tuple[int | None, int, int]:
+        """Task ``index`` -> (time step or None for the time-less labels, block row, column)."""
+        t, rest = divmod(index, self.per_time)
+        by, bx = divmod(rest, self.blocks_yx[1])
+        return (t if t < len(self.plan.times) else None), by, bx
+
+    def task_of(self, t: int | None, iy: int, ix: int) -> int:
+        """The task that writes tile ``(t, iy, ix)``."""
+        k = len(self.plan.times) if t is None else t
+        return k * self.per_time + iy // self.per_block * self.blocks_yx[1] + ix // self.per_block
+
+    def window(self, index: int) -> tuple[slice, slice]:
+        """Rows and columns of task ``index``'s block (cut at the grid's edge)."""
+        _, by, bx = self.block(index)
+        b, (h, w) = self.plan.block, self.plan.shape
+        return slice(by * b, min((by + 1) * b, h)), slice(bx * b, min((bx + 1) * b, w))
+
+    def tiles(self, index: int) -> list[tuple[int, int]]:
+        """Tiles ``(row, column)`` of task ``index``'s block."""
+        ys, xs = self.window(index)
+        t = self.plan.tile
+        return [
+            (iy, ix)
+            for iy in range(ys.start // t, math.ceil(ys.stop / t))
+            for ix in range(xs.start // t, math.ceil(xs.stop / t))
+        ]
+
+    def n_tiles(self, tasks: range) -> int:
+        """Tiles of a range of tasks (whole time steps, computed rather than counted)."""
+        ny, nx = self.plan.tiles_yx
+        return len(tasks) // self.per_time * ny * nx
+
+    def markers(self, index: int) -> list[str]:
+        """Markers task ``index`` leaves: one per tile."""
+        t = self.block(index)[0]
+        return [tile_marker(t, iy, ix) for iy, ix in self.tiles(index)]
+
+
+@dataclass(frozen=True)
+class BlockSources:
+    """What ingest's tasks read from, sent to each worker once (``client.scatter``).
+
+    Attributes:
+        engine: Loader engine name.
+        steps: Items of each time step, in the step's order.
+        footprints: Per time step, ``(n, 4)`` bounds ``(left, bottom, right, top)`` of its
+            items in the cube's CRS, widened by a margin (infinite where unknown): a task
+            reads only the items whose footprint meets its block.
+        catalog: The crater catalog the time-less labels are drawn from (None for none, or
+            a polygon file, which each task reads).
+    """
+
+    engine: str
+    steps: tuple[tuple[Item, ...], ...]
+    footprints: tuple[np.ndarray, ...]
+    catalog: Any = None
+
+    @classmethod
+    def of(cls, plan: CubePlan, items: dict[str, Item], engine: str) -> BlockSources:
+        """The sources of ``plan``'s time steps (metadata only: no pixel is read)."""
+        from pyproj import Transformer
+
+        from planetseg.bodies import body_of_crs
+
+        target = parse_crs(plan.crs_wkt)
+        to_target = Transformer.from_crs(body_of_crs(target).crs, target, always_xy=True)
+        asset = plan.bands[0].asset
+        margin = 2 * max(abs(plan.transform[0]), abs(plan.transform[4]))
+        # Items of earlier time steps may be missing from an append's: no task reads them.
+        steps = tuple(tuple(items[i] for i in s.item_ids if i in items) for s in plan.times)
+        footprints = []
+        for members in steps:
+            bounds = np.empty((len(members), 4))
+            for k, item in enumerate(members):
+                fp = _footprint(item, _item_crs(item, asset), asset, target, to_target)
+                if fp is None:
+                    bounds[k] = (-np.inf, -np.inf, np.inf, np.inf)
+                    continue
+                # A footprint from a lon/lat bbox is approximate: widen it by 1 % too.
+                slack = margin + (0.01 * max(fp[2] - fp[0], fp[3] - fp[1]) if fp.approx else 0)
+                bounds[k] = (fp[0] - slack, fp[1] - slack, fp[2] + slack, fp[3] + slack)
+            footprints.append(bounds)
+        catalog = None
+        if plan.label_source:
+            from planetseg.labels import is_crater_catalog, read_crater_catalog
+
+            if is_crater_catalog(plan.label_source):
+                catalog = read_crater_catalog(plan.label_source)
+        return cls(engine, steps, tuple(footprints), catalog)
+
+    def meeting(self, t: int, plan: CubePlan, window: tuple[slice, slice]) -> list[Item]:
+        """Items of time step ``t`` whose footprint meets ``window``, in the step's order.
+
+        At least one: a block no item meets is read from the step's first item, which gives
+        the nodata a lazy load of the whole step gives there.
+        """
+        ys, xs = window
+        a, _, c, _, e, f = plan.transform
+        left, right = sorted((c + a * xs.start, c + a * xs.stop))
+        bottom, top = sorted((f + e * ys.stop, f + e * ys.start))
+        fp = self.footprints[t]
+        hit = (fp[:, 0] <= right) & (fp[:, 2] >= left) & (fp[:, 1] <= top) & (fp[:, 3] >= bottom)
+        members = self.steps[t]
+        if not members:
+            raise CatalogReadError(
+                f"time step {plan.times[t].key} of the cube must be read again, and none of "
+                "its items is among those given: ingest with the items of every time step"
+            )
+        return [members[k] for k in np.flatnonzero(hit)] or [members[0]]
+
+
+def ingest_block(tasks: BlockTasks, index: int, store: str, sources: BlockSources) -> int:
+    """Task ``index`` of ingest: read its block, write its tiles; return the tiles written.
+
+    Runs on a worker (or a thread of this process). The block's pixels are read here, from the
+    items that meet it (:meth:`Loader.read_block`), or its time-less labels drawn here, tile by
+    tile. Tiles whose marker is already there (a resumed run) are neither read nor rewritten.
+    """
+    from planetseg.loaders import get_loader
+
+    plan = tasks.plan
+    t, _, _ = tasks.block(index)
+    marks = progress_dir(Path(store))
+    tiles = [k for k in tasks.tiles(index) if not (marks / tile_marker(t, *k)).exists()]
+    if not tiles:
+        return 0
+    ys, xs = tasks.window(index)
+    origin = (ys.start, xs.start)
+    if t is None:
+        labels = np.zeros((ys.stop - ys.start, xs.stop - xs.start), dtype="uint8")
+        size = plan.tile
+        for iy, ix in tiles:
+            tile = _static_labels_tile(plan, iy, ix, sources.catalog)
+            y, x = iy * size - ys.start, ix * size - xs.start
+            labels[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+        return _write_block(store, None, origin, tiles, size, None, labels)
+    loader = get_loader(sources.engine)
+    image, labels = loader.read_block(sources.meeting(t, plan, (ys, xs)), plan, (ys, xs))
+    block_labels = labels[None] if labels is not None else None
+    return _write_block(store, t, origin, tiles, plan.tile, image[None], block_labels)
+
+
+#: Tasks kept in flight per worker thread: one running, one queued behind it.
+PER_THREAD = 2
+
+
 def _execute(
     store: Path,
-    plan: CubePlan,
-    items: dict[str, Item],
-    loader: Any,
-    pending: list[tuple[int | None, int, int]],
+    tasks: BlockTasks,
+    todo: range,
+    sources: BlockSources,
     *,
+    done: set[str],
+    lost: list[tuple[int | None, int, int]],
     client: Any,
     progress: Progress | None,
-    batch: int,
-    skipped: int,
-    total: int,
-) -> None:
-    import dask
+    batch: int | None,
+) -> tuple[int, int]:
+    """Run the tasks of ``todo`` not marked ``done``, and those of the ``lost`` tiles.
 
-    catalog = None
-    if plan.label_source:
-        from planetseg.labels import is_crater_catalog, read_crater_catalog
+    Returns:
+        Tiles written, and tiles of the job already there.
+    """
+    import os
 
-        if is_crater_catalog(plan.label_source):
-            # One graph key for the table, not a copy in every tile's task.
-            catalog = dask.delayed(read_crater_catalog(plan.label_source), pure=True)
-    timed = sorted({k[0] for k in pending if k[0] is not None})
-    cube = loader.load(items, plan) if timed else None
-    image_blocks = cube["image"].data.to_delayed() if cube is not None else None
-    label_blocks = (
-        cube["labels"].data.to_delayed() if cube is not None and "labels" in cube else None
-    )
-    write = dask.delayed(_write_block, pure=False)
-    label_tile = dask.delayed(_static_labels_tile, pure=True)
-    # Reads happen in blocks of plan.block pixels (fewer COG opens and requests); writes stay
-    # one chunk per tile. Group the pending tiles by the block that holds them.
-    per_block = plan.block // plan.tile
-    blocks: dict[tuple[int | None, int, int], list[tuple[int, int]]] = {}
-    for t, iy, ix in pending:
-        key = (t, iy // per_block, ix // per_block) if t is not None else (None, iy, ix)
-        blocks.setdefault(key, []).append((iy, ix))
-    done = skipped
+    from planetseg.executor import InFlight, execute, pending
+
+    # A lost tile's task rewrites that tile only: the rest of its block is marked done.
+    lost_tasks = sorted({tasks.task_of(*k) for k in lost})
+    lost_set = {tile_marker(*k) for k in lost}
+    for index in lost_tasks:
+        for name in tasks.markers(index):
+            if name not in lost_set:
+                (progress_dir(store) / name).touch()
+    # With lost tiles the job is the whole cube (what a complete store holds), else the rest.
+    total = tasks.n_tiles(range(tasks.n_tasks) if lost else todo)
+    expected = tasks.n_tiles(todo) - len(done) + len(lost)
     if progress:
-        progress(done, total)
-    keys = list(blocks)
-    step = max(1, batch // (per_block * per_block))
-    for start in range(0, len(keys), step):
-        tasks = []
-        for t, by, bx in keys[start : start + step]:
-            tiles = blocks[(t, by, bx)]
-            if t is None:
-                labels = label_tile(plan, by, bx, catalog)
-                origin = (by * plan.tile, bx * plan.tile)
-                tasks.append(write(str(store), None, origin, tiles, plan.tile, None, labels))
-            else:
-                origin = (by * plan.block, bx * plan.block)
-                labels = label_blocks[t, by, bx] if label_blocks is not None else None
-                tasks.append(
-                    write(
-                        str(store), t, origin, tiles, plan.tile, image_blocks[t, 0, by, bx], labels
-                    )
-                )
-        done = _run(tasks, client, progress, done, total)
-
-
-def _run(tasks: list[Any], client: Any, progress: Progress | None, done: int, total: int) -> int:
-    import dask
-
-    from planetseg.errors import AssetReadError
-
+        progress(max(0, total - expected), total)
+    indices = itertools.chain(lost_tasks, pending(tasks, done, todo))
+    fixed = max(1, batch // tasks.per_block**2) if batch is not None else None
+    threads = 1 if client is not None else os.cpu_count() or 1
+    bound = InFlight(
+        client, fixed=fixed, per_thread=PER_THREAD, minimum=PER_THREAD, threads=threads
+    )
+    shared = client.scatter(sources, broadcast=True, hash=False) if client is not None else sources
     try:
-        if client is not None:
-            from distributed import as_completed
-
-            for future in as_completed(client.compute(tasks)):
-                done += future.result()
-                if progress:
-                    progress(done, total)
-        else:
-            done += sum(dask.compute(*tasks, scheduler="threads"))
-            if progress:
-                progress(done, total)
+        written = execute(
+            ingest_block,
+            tasks,
+            indices,
+            str(store),
+            shared,
+            client=client,
+            in_flight=bound,
+            threads=threads,
+            progress=progress,
+            done=max(0, total - expected),
+            total=total,
+            name="ingest",
+        )
     except Exception as exc:
         import rasterio
 
@@ -1318,4 +1505,7 @@ def _run(tasks: list[Any], client: Any, progress: Progress | None, done: int, to
                 "incomplete: fix the asset (or pass --fill-missing) and re-run to resume"
             ) from exc
         raise
-    return done
+    finally:
+        if client is not None:
+            shared.release()
+    return written, total - written

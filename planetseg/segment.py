@@ -7,9 +7,11 @@ grid refined by the model's ``scale``. Like ``ingest``, the stage plans first an
   card) and returns a small picklable :class:`SegmentPlan`. Tasks are never listed: task ``i``
   is computed from ``i`` (a run of ``batch`` tiles along one tile row of one time step), so
   planning a cube of a terabyte costs the same as planning a small one.
-* :func:`segment` creates the output store from metadata, then keeps at most ``partition``
-  tasks on the cluster at a time (submitting the next as each finishes), so the scheduler's
-  graph and the client's memory stay bounded whatever the size of the area.
+* :func:`segment` creates the output store from metadata, then runs the tasks on
+  :func:`planetseg.executor.execute`: at most ``--partition`` tasks on the cluster at a time
+  (by default 4 per worker thread, following the threads as workers join or leave), the next
+  submitted as each finishes, so the scheduler's graph and the client's memory stay bounded
+  whatever the size of the area.
 * A task reads its tiles in one window widened by ``halo`` input pixels on every side, runs
   the network once on it, and keeps the centre. With a halo of at least the network's
   receptive radius (the default, measured by :func:`planetseg.model.receptive_radius`) and
@@ -47,6 +49,7 @@ from planetseg.errors import (
     PlanetsegWarning,
     StoreMismatchError,
 )
+from planetseg.executor import InFlight, execute, pending
 from planetseg.store import (
     EVERY_CHUNK,
     PROGRESS_SUFFIX,
@@ -204,6 +207,10 @@ class SegmentPlan:
         """Tiles task ``index`` segments."""
         _, _, ix0, ix1 = self.task(index)
         return ix1 - ix0
+
+    def markers(self, index: int) -> tuple[str]:
+        """The marker task ``index`` leaves once done (see :class:`planetseg.executor.TaskPlan`)."""
+        return (task_marker(index),)
 
     def task_bytes(self) -> dict[str, int]:
         """Peak memory of one task (a full run of ``batch`` tiles with the halo), by term.
@@ -661,10 +668,6 @@ def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
     return bool(get_attr(store, "planetseg:complete")), done_markers(store)
 
 
-def _pending(plan: SegmentPlan, done: set[str]) -> Iterator[int]:
-    return (i for i in range(plan.n_tasks) if task_marker(i) not in done)
-
-
 def segment(
     cube: str | Path,
     config: SegmentConfig,
@@ -711,7 +714,6 @@ def segment(
         # A complete store that lost chunks: redo their tasks, marked unfinished meanwhile.
         logger.warning("%s: %d task(s) lost chunks: segmenting them again", store, len(lost))
         set_attrs(store, **{"planetseg:complete": False})
-        done = {task_marker(i) for i in range(plan.n_tasks) if i not in lost}
         kept = plan.n_tiles - sum(plan.tiles_of(i) for i in lost)
     if not (store / "zarr.json").exists():
         remove_owned(progress_dir(store), "segment")  # markers of a store that is gone
@@ -722,7 +724,8 @@ def segment(
     total = plan.n_tiles
     if progress:
         progress(kept, total)
-    computed = _run(plan, str(store), _pending(plan, done), client, config, progress, kept, total)
+    indices = iter(sorted(lost)) if lost else pending(plan, done)
+    computed = _run(plan, str(store), indices, client, config, progress, kept, total)
     set_attrs(store, **{"planetseg:complete": True})
     consolidate(store)
     remove_owned(progress_dir(store), "segment")
@@ -749,57 +752,39 @@ def _cube_attrs(cube: str) -> dict[str, Any]:
     return dict(zarr.open_group(cube, mode="r").attrs)
 
 
-def partition_size(config: SegmentConfig, client: Any) -> int:
-    """Tasks kept on the cluster at once: ``config.partition``, or 4 per worker thread."""
-    if config.partition is not None:
-        return config.partition
-    if client is None:
-        return 1
-    threads = sum(client.nthreads().values()) or 1
-    return max(8, 4 * threads)
+def in_flight(config: SegmentConfig, client: Any) -> InFlight:
+    """Tasks kept on the cluster at once: ``config.partition``, or 4 per worker thread (>= 8).
+
+    Without ``--partition`` the limit follows the cluster's current thread count, so workers
+    that join an adaptive cluster get work; in this process the tasks run one after the other.
+    """
+    return InFlight(client, fixed=config.partition, per_thread=4, minimum=8)
 
 
 def _run(
     plan: SegmentPlan,
     store: str,
-    pending: Iterator[int],
+    indices: Iterator[int],
     client: Any,
     config: SegmentConfig,
     progress: Progress | None,
     done: int,
     total: int,
 ) -> int:
-    computed = 0
-    if client is None:
-        for index in pending:
-            n = segment_task(plan, index, store)
-            computed += n
-            if progress:
-                progress(done + computed, total)
-        return computed
-    from distributed import as_completed
-
-    limit = partition_size(config, client)
-
-    def submit(index: int) -> Any:
-        # The plan is a few hundred bytes: each task carries it, so any worker (a replacement
-        # for a killed one too) can run any task. The model is never sent: see worker_model.
-        return client.submit(
-            segment_task, plan, index, store, key=f"segment-{plan.digest[-12:]}-{index}"
-        )
-
-    first = [submit(i) for _, i in zip(range(limit), pending, strict=False)]
-    running = as_completed(first)
-    for future in running:
-        n = future.result()
-        future.release()
-        computed += n
-        if progress:
-            progress(done + computed, total)
-        nxt = next(pending, None)
-        if nxt is not None:
-            running.add(submit(nxt))
-    return computed
+    # The plan is a few hundred bytes: each task carries it, so any worker (a replacement for a
+    # killed one too) can run any task. The model is never sent: see worker_model.
+    return execute(
+        segment_task,
+        plan,
+        indices,
+        store,
+        client=client,
+        in_flight=in_flight(config, client),
+        progress=progress,
+        done=done,
+        total=total,
+        name=f"segment-{plan.digest[-12:]}",
+    )
 
 
 # --------------------------------------------------------------------------- COGs
