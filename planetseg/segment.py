@@ -17,7 +17,10 @@ grid refined by the model's ``scale``. Like ``ingest``, the stage plans first an
   at once: no seams.
 * Workers load the model once, from its directory, keyed and checked by the weights' digest,
   and fold its BatchNorms into the convolutions (:func:`planetseg.model.fuse_for_inference`,
-  10 % faster on a CPU); tasks carry only the path and the digest.
+  10 % faster on a CPU); tasks carry only the path and the digest. The network runs on the
+  plan's inference path (``--precision``: precision and memory format, chosen for the
+  hardware, see :mod:`planetseg.model.inference`), on the worker's own GPU where it has one;
+  the path is recorded in the store's ``planetseg:inference`` attribute.
 * Each task touches a marker after writing its chunks; ``planetseg:complete`` is set at the
   end. A killed run resumes with the missing tasks only; a task that a dying worker lost is
   re-run by Dask, and re-writing a chunk is harmless.
