@@ -422,11 +422,16 @@ def _activation_per_pixel(model: str, digest: str, path: InferencePath) -> float
     """Bytes of the network's tensors at their peak, per input pixel of a window (measured).
 
     One forward pass of the model as the workers run it, on a window of 16 x 16 pooling cells
-    (activations grow with the pixels: the same figure per pixel at every window size).
+    (activations grow with the pixels: the same figure per pixel at every window size, see
+    ``tests/test_inference.py``).
     """
     from planetseg.model.inference import activation_bytes
 
-    net, _ = worker_model(model, digest, path, device="cpu")
+    # Measured on this process's CPU: a GPU path's fp16 as bf16 (the same bytes per value;
+    # torch's CPU fp16 convolutions are far too slow to measure with).
+    precision = "bf16" if path.precision == "fp16" else path.precision
+    on_cpu = replace(path, precision=precision, device="cpu")
+    net, _ = worker_model(model, digest, on_cpu, device="cpu")
     side = 16 * net.config.divisor
     return activation_bytes(net, net.config.in_bands, side, side) / side**2
 

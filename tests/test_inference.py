@@ -211,3 +211,16 @@ def test_plan_records_path_and_measured_activation(world: dict[str, Path], tmp_p
     reference = plan_segment(world["lr"], SegmentConfig(out="x", model=str(world["model"])))
     assert plan.path == InferencePath("bf16", True, "cpu")
     assert 0 < plan.activation < reference.activation
+
+
+def test_a_workflow_sets_the_precision(tmp_path: Path) -> None:
+    from planetseg.errors import WorkflowError
+    from planetseg.workflow import load_workflow
+    from tests.test_workflow import GOOD
+
+    path = tmp_path / "flow.yaml"
+    path.write_text(GOOD.replace("model: run/model", "model: run/model\n    precision: bf16"))
+    assert load_workflow(path).segment.precision == "bf16"
+    path.write_text(GOOD.replace("model: run/model", "model: run/model\n    precision: int8"))
+    with pytest.raises(WorkflowError, match="steps.segment.*--precision 'int8'"):
+        load_workflow(path)
