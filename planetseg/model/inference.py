@@ -5,11 +5,13 @@
   eager float32 in torch's default memory format, exactly today's labels. ``auto`` takes the
   fastest path known to be correct on the hardware:
 
-  - on a CPU, channels-last float32 (oneDNN's blocked convolutions; measured 1.8x faster on
-    an AVX2/AVX-512 AMD EPYC and an AVX-512 Intel Xeon, labels equal), and bf16 autocast only
-    with AMX (``amx_bf16``: 3.5x measured). ``avx512_bf16`` alone (AMD Zen 4, Cooper Lake)
-    emulates no tile unit: ``benchmarks/bench_segment.py`` measured bf16 at ~1.1x of
-    channels-last float32 there, not worth the rounding;
+  - on a CPU, channels-last float32 (oneDNN's native NHWC convolutions: measured 1.8-4x
+    faster than NCHW on a 2-core AMD EPYC, 1.8x on an AVX-512 Intel Xeon, labels equal), and
+    bf16 autocast only with AMX (``amx_bf16``: 3.5x measured on the Xeon). With
+    ``avx512_bf16`` but no AMX (this project's AMD EPYC, Zen 4) bf16 measured 1.1x and 2.0x
+    of channels-last float32 in two runs of ``benchmarks/bench_segment.py`` on a shared
+    machine, with equal labels on a barely trained model only: ``auto`` keeps float32 there
+    until bf16's labels are checked on a trained model (``--precision bf16`` forces it);
   - on a CUDA GPU, channels-last with bf16 autocast (Ampere and later) or fp16 (older).
 
 * :class:`InferenceNet` wraps the network so that it runs on that path and still takes and
