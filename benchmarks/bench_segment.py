@@ -12,10 +12,18 @@
 4. Planning a virtual 1 TB cube: planning time, tasks, and the tasks held by the scheduler at
    once (the graph size), with the largest graph observed during run 1 for comparison.
 5. The memory ``--dry-run`` estimates per task against the measured peak: in a fresh process,
-   the peak RSS while 3 x 3 tasks of one 512 px tile run (the middle one with the full halo),
-   over the RSS before (model loaded). ``tests/test_segment.py`` checks the same within 2x.
+   the peak RSS while the tasks of 3 rows of 3 tasks run (the middle one with the full halo),
+   over the RSS before (model loaded), for a few tile / batch sizes and inference paths.
+   ``tests/test_segment.py`` checks the same within 2x.
+6. Inference paths (``--precision``): per path (eager fp32, channels-last fp32, channels-last
+   bf16), the network's time on one task's window (1 thread), its FLOP/s against dense
+   matmul of the same precision, and its labels' agreement with eager fp32 over every window
+   of the cube; the CPU's flags and the path ``auto`` takes here.
 
-    python benchmarks/bench_segment.py [--size 2048] [--repeats 3] [--parts 1 2 3 4 5]
+Parts 1 and 2 run ``segment`` with ``--precision auto`` against the plain loop on eager fp32
+(today's reference) and on the same path as ``auto`` (the best plain loop).
+
+    python benchmarks/bench_segment.py [--size 2048] [--repeats 3] [--parts 1 2 3 4 5 6]
 """
 
 from __future__ import annotations
@@ -43,6 +51,15 @@ from planetseg.config import ClusterConfig, IngestConfig, SegmentConfig, TrainCo
 from planetseg.evaluate import predict_logits  # noqa: E402
 from planetseg.export import load_model  # noqa: E402
 from planetseg.ingest import ingest  # noqa: E402
+from planetseg.model.inference import (  # noqa: E402
+    CPU_FLAGS,
+    Hardware,
+    InferenceNet,
+    InferencePath,
+    activation_bytes,
+    choose_path,
+    cpu_flags,
+)
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment  # noqa: E402
 from planetseg.synthetic import SynthConfig, synthesize  # noqa: E402
 from planetseg.train import train  # noqa: E402
@@ -70,17 +87,28 @@ def make_inputs(root: Path, size: int, tile: int = 256) -> tuple[Path, Path]:
 
 
 def plain_loop(
-    cube: Path, model: Path, out: Path, halo: int, threads: int, fused: bool = False
+    cube: Path,
+    model: Path,
+    out: Path,
+    halo: int,
+    threads: int,
+    fused: bool = False,
+    path: InferencePath | None = None,
 ) -> int:
-    """The baseline: one process, tile after tile, the same halo and outputs, no Dask."""
+    """The baseline: one process, tile after tile, the same halo and outputs, no Dask.
+
+    ``fused``: the model with BatchNorm folded; ``path``: that, run on an inference path.
+    """
     import zarr
 
     from planetseg.model import fuse_for_inference
 
     torch.set_num_threads(threads)
     net, card = load_model(model)
-    if fused:
+    if fused or path:
         net = fuse_for_inference(net)
+    if path:
+        net = InferenceNet(net, path)
     s = card["scale"]
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
@@ -160,16 +188,33 @@ def throughput(cube: Path, model: Path, root: Path, repeats: int) -> dict[str, A
             t0 = time.perf_counter()
             n = plain_loop(cube, model, root / f"fused{r}.zarr", plan.halo, threads=2, fused=True)
             fused = n / (time.perf_counter() - t0)
-            rows.append((ps, plain, fused))
+            t0 = time.perf_counter()
+            n = plain_loop(cube, model, root / f"best{r}.zarr", plan.halo, 2, path=res.plan.path)
+            best = n / (time.perf_counter() - t0)
+            rows.append((ps, plain, fused, best))
             print(
-                f"  repeat {r}: planetseg {ps:.2f} tiles/s, plain loop {plain:.2f}, plain loop "
-                f"on the folded model {fused:.2f}; ratios {ps / plain:.2f}, {ps / fused:.2f}",
+                f"  repeat {r}: planetseg ({res.plan.path.name}) {ps:.2f} tiles/s, plain loop "
+                f"{plain:.2f}, on the folded model {fused:.2f}, on {res.plan.path.name} "
+                f"{best:.2f}; ratios {ps / plain:.2f}, {ps / fused:.2f}, {ps / best:.2f}",
                 flush=True,
             )
-    return {"rows": rows, "tiles": plan.n_tiles, "peak_graph": peak_graph, "plan": plan}
+    return {"rows": rows, "tiles": plan.n_tiles, "peak_graph": peak_graph, "plan": res.plan}
 
 
 # --------------------------------------------------------------------------- 2. FLOP/s
+
+
+def matmul_flops(dtype: torch.dtype, threads: int, n: int = 2048) -> float:
+    """Dense matmul FLOP/s of ``dtype`` on ``threads`` threads (best of 5)."""
+    torch.set_num_threads(threads)
+    a, bm = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, bm)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, bm)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
 
 
 def flops(model: Path, plan: Any, tiles_per_s: float) -> dict[str, float]:
@@ -184,18 +229,10 @@ def flops(model: Path, plan: Any, tiles_per_s: float) -> dict[str, float]:
     # Per tile in a batch-4 task: one window of 4 tiles + halo, i.e. (t+2h) x (4t+2h) / 4.
     t, h, b = plan.tile, plan.halo, plan.batch
     per_tile = per_window * (t + 2 * h) * (b * t + 2 * h) / (b * side * side)
-    torch.set_num_threads(2)
-    n = 2048
-    a, bm = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, bm)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, bm)
-        times.append(time.perf_counter() - t0)
-    machine = 2 * n**3 / min(times)
+    dtype = torch.bfloat16 if plan.path.precision == "bf16" else torch.float32
+    machine = matmul_flops(dtype, 2)
     achieved = per_tile * tiles_per_s
-    return {"per_tile": per_tile, "achieved": achieved, "machine": machine}
+    return {"per_tile": per_tile, "achieved": achieved, "machine": machine, "dtype": str(dtype)}
 
 
 # --------------------------------------------------------------------------- 3. peak RSS
@@ -243,13 +280,20 @@ def plan_terabyte(like: Path, model: Path, root: Path) -> dict[str, Any]:
     return {"seconds": seconds, **est}
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as ``lscpu`` prints it."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048, help="HR side of the throughput world")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--task-peak-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--task-peak-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(*args.rss_child)
@@ -258,16 +302,19 @@ def main() -> None:
         task_peak_child(*args.task_peak_child)
         return
     root = Path(tempfile.mkdtemp(prefix="bench-segment-"))
+    flags = cpu_flags()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"torch {torch.__version__}"
+        f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; CPU flags: "
+        + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+        + f"; --precision auto here: {choose_path('auto', Hardware(cpu_flags=flags)).name}"
     )
     model, cube = make_inputs(root, args.size)
 
     print(f"\n1. throughput: {args.size // 2}^2 px LR cube x 3 epochs, 256 px tiles, model x2")
     tp = throughput(cube, model, root, args.repeats)
     ps = statistics.median(row[0] for row in tp["rows"])
-    for k, name in ((1, "plain loop"), (2, "plain loop on the folded model")):
+    arms = ("plain loop", "plain loop on the folded model", "plain loop on auto's path")
+    for k, name in enumerate(arms, start=1):
         ratios = [row[0] / row[k] for row in tp["rows"]]
         each = ", ".join(f"{r:.2f}" for r in ratios)
         print(f"  planetseg / {name} = {statistics.median(ratios):.2f} (median; {each})")
@@ -276,7 +323,7 @@ def main() -> None:
     f = flops(model, tp["plan"], ps)
     print(
         f"  model {f['per_tile'] / 1e9:.2f} GFLOP per tile; achieved {f['achieved'] / 1e9:.1f} "
-        f"GFLOP/s; dense matmul {f['machine'] / 1e9:.1f} GFLOP/s (2 threads); "
+        f"GFLOP/s; dense {f['dtype']} matmul {f['machine'] / 1e9:.1f} GFLOP/s (2 threads); "
         f"{100 * f['achieved'] / f['machine']:.0f}% of it"
     )
 
@@ -293,18 +340,20 @@ def main() -> None:
         print(f"  largest graph observed in run 1 ({tp['tiles']} tiles): {tp['peak_graph']} tasks")
     if 5 in args.parts:
         task_memory_part(root, model, cube)
+    if 6 in args.parts:
+        paths_part(root, model, cube, tp["plan"])
 
 
 # --------------------------------------------------------------------------- 5. task memory
 
 
-def task_peak_child(cube: str, model: str, out: str) -> None:
+def task_peak_child(cube: str, model: str, out: str, batch: str, precision: str) -> None:
     """In a fresh process: peak RSS over the tasks of a run, above the RSS before (bytes)."""
     from planetseg.segment import worker_model
 
-    config = SegmentConfig(out=out, model=model, batch=1)
+    config = SegmentConfig(out=out, model=model, batch=int(batch), precision=precision)
     plan = plan_segment(cube, config)
-    net, _ = worker_model(plan.model, plan.digest)
+    net, _ = worker_model(plan.model, plan.digest, plan.path)
     with torch.no_grad():
         net(torch.zeros(1, plan.bands, 64, 64))
     status = Path("/proc/self/status")
@@ -316,21 +365,80 @@ def task_peak_child(cube: str, model: str, out: str) -> None:
 
 
 def task_memory_part(root: Path, model: Path, like: Path) -> None:
-    print("\n5. memory per task: the --dry-run estimate vs the measured peak (512 px tiles)")
-    cube = virtual_cube(root / "mem.zarr", like=like, side=3 * 512, tile=512)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--task-peak-child", str(cube), str(model), str(root / "m")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    est = sum(r["estimate"].values())
-    terms = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["estimate"].items())
-    print(
-        f"  estimate {est / 2**20:.0f} MiB ({terms}); measured {r['peak'] / 2**20:.0f} MiB; "
-        f"measured / estimate {r['peak'] / est:.2f}"
-    )
+    print("\n5. memory per task: the --dry-run estimate vs the measured peak (fresh processes)")
+    cases = ((512, 1, "fp32"), (512, 1, "auto"), (256, 4, "fp32"), (256, 4, "auto"))
+    if "amx_bf16" not in cpu_flags():
+        cases += ((256, 4, "bf16"),)
+    for tile, batch, precision in cases:
+        cube = root / f"mem{tile}x{batch}.zarr"
+        if not cube.exists():
+            virtual_cube(cube, like=like, side=3 * tile * batch, tile=tile)
+        out = root / f"m{tile}x{batch}{precision}"
+        proc = subprocess.run(
+            [sys.executable, __file__, "--task-peak-child", str(cube), str(model), str(out)]
+            + [str(batch), precision],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        est = sum(r["estimate"].values())
+        terms = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r["estimate"].items())
+        print(
+            f"  {batch} x {tile} px tiles, --precision {precision}: estimate {est / 2**20:.0f} "
+            f"MiB ({terms}); measured {r['peak'] / 2**20:.0f} MiB; measured / estimate "
+            f"{r['peak'] / est:.2f}",
+            flush=True,
+        )
+
+
+# --------------------------------------------------------------------------- 6. paths
+
+
+def paths_part(root: Path, model: Path, cube: Path, plan: Any) -> None:
+    """Each inference path: time and FLOP/s on one task's window, labels against eager fp32."""
+    import zarr
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from planetseg.model import fuse_for_inference
+
+    print("\n6. inference paths: one task's window (1 thread), labels over the whole cube")
+    net = fuse_for_inference(load_model(model)[0])
+    t, h, b = plan.tile, plan.halo, plan.batch
+    x = torch.randn(1, plan.bands, t + 2 * h, b * t + 2 * h)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    work = counter.get_total_flops()
+    paths = (InferencePath(), InferencePath("fp32", True), InferencePath("bf16", True))
+    matmul = {p: matmul_flops(_DTYPE[p], 1) for p in ("fp32", "bf16")}
+    reference = None
+    for path in paths:
+        run = InferenceNet(net, path)
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            run(x)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                run(x)
+                times.append(time.perf_counter() - t0)
+        seconds = min(times)
+        out = root / f"path-{path.precision}-{path.channels_last}.zarr"
+        plain_loop(cube, model, out, plan.halo, threads=2, path=path)
+        labels = zarr.open_group(str(out), mode="r")["labels"][:]
+        reference = labels if reference is None else reference
+        peak = activation_bytes(run, plan.bands, 16 * net.config.divisor, 16 * net.config.divisor)
+        print(
+            f"  {path.name}: {seconds:.3f} s per window, {work / seconds / 1e9:.1f} GFLOP/s = "
+            f"{100 * work / seconds / matmul[path.precision]:.0f}% of {path.precision} matmul "
+            f"({matmul[path.precision] / 1e9:.1f} GFLOP/s, 1 thread); labels equal to eager "
+            f"fp32: {100 * float(np.mean(labels == reference)):.3f}%; activations "
+            f"{peak / (16 * net.config.divisor) ** 2:.0f} B per input px",
+            flush=True,
+        )
+
+
+_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def peak_rss_part(root: Path, model: Path) -> None:

@@ -708,6 +708,13 @@ def segment(
     any_body: Annotated[
         bool, typer.Option("--any-body", help="Allow a cube of another body than the model's.")
     ] = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (fastest correct path for this hardware), fp32 (exactly reproducible), "
+            "bf16 or fp16 (autocast)."
+        ),
+    ] = "auto",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and estimates, compute nothing.")
     ] = False,
@@ -733,6 +740,7 @@ def segment(
         threads=torch_threads,
         cog=str(cog) if cog else None,
         any_body=any_body,
+        precision=precision,
     )
     computing = _cluster(cluster, workers, threads, jobs, cluster_config, host)
     plan = plan_segment(cube, config)
@@ -745,7 +753,7 @@ def segment(
     out.print(
         f"[bold]segment[/bold] {result.store}: labels(time, y, x) = ({len(plan.times)}, {h}, {w}) "
         f"uint8 + confidence, x{plan.scale} of the cube; tiles: {result.computed} segmented, "
-        f"{result.kept} kept; model {plan.digest[:19]}..."
+        f"{result.kept} kept; model {plan.digest[:19]}..., {result.plan.path.name}"
     )
     for path in result.cogs:
         out.print(f"  COG {path}")
@@ -773,7 +781,7 @@ def _print_plan(plan: Any, partition: int | None) -> None:
         f"memory about {size(est['bytes_per_task'])} per task ("
         + ", ".join(f"{k} {size(v)}" for k, v in plan.task_bytes().items())
         + ")\n"
-        f"  model {plan.digest[:19]}..."
+        f"  model {plan.digest[:19]}..., inference {plan.path.name}"
     )
 
 

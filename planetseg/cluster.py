@@ -5,10 +5,13 @@
 * ``none``: Dask's threaded scheduler in this process, for small jobs;
 * ``local``: a :class:`distributed.LocalCluster` on this machine (the default);
 * ``cuda``: a dask-cuda ``LocalCUDACluster``, one single-threaded worker per GPU (install
-  the ``cuda`` extra);
+  the ``cuda`` extra); dask-cuda lists each worker's own GPU first in its
+  ``CUDA_VISIBLE_DEVICES``, and the worker runs the model there
+  (:func:`planetseg.model.inference.worker_device`);
 * ``slurm`` / ``pbs``: dask-jobqueue submits ``--jobs`` batch jobs that run the workers. The
   job settings (cores, memory, queue, account, walltime, ...) are dask-jobqueue's own
-  configuration keys, read from ``cluster/<kind>.yaml`` (``--cluster-config`` to name another);
+  configuration keys, read from ``cluster/<kind>.yaml`` (``--cluster-config`` to name another).
+  A job with N GPUs runs ``processes: N`` workers, and each claims one of the job's GPUs;
 * the address of a running scheduler (``tcp://host:8786``).
 
 The scheduler and dashboard bind to 127.0.0.1 unless told otherwise (a batch cluster whose

@@ -28,6 +28,8 @@ LOSSES = ("ce", "ce+dice")
 AUGMENTS = ("none", "photometric")
 #: Output/input resolution ratios the network supports (1: the HR-input baseline).
 SCALES = (1, 2, 4)
+#: ``segment --precision``: see :mod:`planetseg.model.inference`.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Largest ``--tile``: beyond it a tile is no longer a unit of work (see also the memory check
 #: of :func:`planetseg.ingest.check_memory`).
 MAX_TILE = 8192
@@ -277,6 +279,10 @@ class SegmentConfig:
             time step), or None.
         any_body: Segment a cube of another body than the model's (with a warning) instead of
             refusing.
+        precision: How the network computes (``--precision``): ``auto`` for the fastest path
+            known to be correct on the hardware found, ``fp32`` for the exactly reproducible
+            reference, ``bf16`` / ``fp16`` to force that autocast (see
+            :mod:`planetseg.model.inference`).
     """
 
     out: str
@@ -288,12 +294,17 @@ class SegmentConfig:
     threads: int = 1
     cog: str | None = None
     any_body: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _int_at_least("--batch", self.batch, 1, "give at least 1 tile per task")
         _optional_int_at_least("--halo", self.halo, 0, "give a halo >= 0 px")
         _optional_int_at_least("--partition", self.partition, 1, "give at least 1 task")
         _int_at_least("--torch-threads", self.threads, 1, "give at least 1 torch thread per task")
+        if self.precision not in PRECISIONS:
+            raise InvalidArgumentError(
+                f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,10 @@ grid refined by the model's ``scale``. Like ``ingest``, the stage plans first an
   at once: no seams.
 * Workers load the model once, from its directory, keyed and checked by the weights' digest,
   and fold its BatchNorms into the convolutions (:func:`planetseg.model.fuse_for_inference`,
-  10 % faster on a CPU); tasks carry only the path and the digest.
+  10 % faster on a CPU); tasks carry only the path and the digest. The network runs on the
+  plan's inference path (``--precision``: precision and memory format, chosen for the
+  hardware, see :mod:`planetseg.model.inference`), on the worker's own GPU where it has one;
+  the path is recorded in the store's ``planetseg:inference`` attribute.
 * Each task touches a marker after writing its chunks; ``planetseg:complete`` is set at the
   end. A killed run resumes with the missing tasks only; a task that a dying worker lost is
   re-run by Dask, and re-writing a chunk is harmless.
@@ -34,9 +37,9 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -72,6 +75,9 @@ from planetseg.store import (
     transform_from_cf,
 )
 
+if TYPE_CHECKING:
+    from planetseg.model.inference import InferencePath
+
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
@@ -85,6 +91,8 @@ NO_DATA = 255
 #: models that have crater classes; the attribute lists the classes summed.
 CRATER_PROBABILITY = "crater_probability"
 CRATER_PROBABILITY_ATTR = "planetseg:crater_probability_classes"
+#: The inference path the labels were computed on (precision, memory format, device kind).
+INFERENCE_ATTR = "planetseg:inference"
 
 
 def is_crater_class(name: str) -> bool:
@@ -93,19 +101,6 @@ def is_crater_class(name: str) -> bool:
     The rule of the crater probability here and of ``craters`` without ``--crater-class``.
     """
     return "crater" in name.lower()
-
-
-#: A task's peak memory is the network's, counted in float32 maps of the input window's size
-#: and calibrated on peak RSS (fused network, CPU, torch 2.x): while the low-resolution levels
-#: run, about LR_MAPS maps of ``width`` channels are held (encoder skips, decoder
-#: concatenations, convolution buffers); at the high-resolution head, about HR_MAPS maps of
-#: ``head_channels`` x ``scale``^2 (the upscaling convolution, its pixel-shuffled copy, the
-#: refinement's input and output, the allocator's slack) besides the encoder's skips
-#: (SKIP_MAPS x ``width``). The stages do not overlap: the peak is the larger of the two.
-#: The trained default (width 16, head 16, scale 2) on a 512 px tile peaks at ~450 maps.
-LR_MAPS, HR_MAPS, SKIP_MAPS = 10, 5, 2
-#: The network shape assumed for plans recorded before the shape was (training's defaults).
-NET_DEFAULTS = {"width": 16, "depth": 3, "head_channels": 16}
 
 
 @dataclass(frozen=True)
@@ -129,8 +124,12 @@ class SegmentPlan:
         transform: Affine of the input grid ``(a, b, c, d, e, f)``.
         classes: Class value -> name (from the model card).
         threads: Torch threads per task.
-        net: The network's shape (the model card's ``net``: width, depth, head channels),
-            which the memory estimate needs.
+        net: The network's shape (the model card's ``net``: width, depth, head channels).
+        inference: How the network runs (an :class:`~planetseg.model.inference.InferencePath`
+            as a dict: precision, memory format, device kind); empty for the fp32 reference
+            path of plans recorded before it was chosen.
+        activation: Peak bytes of the network's tensors per input pixel of a window, measured
+            on the model and path (:func:`~planetseg.model.inference.activation_bytes`).
     """
 
     cube: str
@@ -150,6 +149,15 @@ class SegmentPlan:
     classes: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     net: dict[str, int] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+    activation: float = 0.0
+
+    @property
+    def path(self) -> InferencePath:
+        """The inference path the tasks run (the fp32 reference for older plans)."""
+        from planetseg.model.inference import InferencePath
+
+        return InferencePath(**self.inference)
 
     @property
     def crater_values(self) -> list[int]:
@@ -215,22 +223,20 @@ class SegmentPlan:
     def task_bytes(self) -> dict[str, int]:
         """Peak memory of one task (a full run of ``batch`` tiles with the halo), by term.
 
-        ``input``: the window read, as float32 and normalised; ``network``: the network's peak
-        activations (see :data:`LR_MAPS` and :data:`HR_MAPS`) and the logits buffer they are
-        copied into; ``output``: the network's logits and, over the core, the softmax
-        probabilities, the confidence, the int64 labels and the crater probability.
-        Measured against the peak RSS of a task within 2x (``tests/test_segment.py``).
+        ``input``: the window read, as float32 and normalised; ``network``: the tensors of the
+        forward pass at their peak (:attr:`activation` x the window's pixels: the layers'
+        outputs, the decoder's concatenations, the float32 logits); ``output``: the logits'
+        copy in the window's buffer and, over the core, the softmax probabilities, the
+        confidence, the int64 labels and the crater probability. Measured against the peak
+        RSS of a task within 2x (``tests/test_segment.py``, ``benchmarks/bench_segment.py``).
         """
-        net = NET_DEFAULTS | self.net
         itemsize = np.dtype(self.dtype).itemsize
         t, s, n = self.tile, self.scale, max(len(self.classes), 2)
         window = (t + 2 * self.halo) * (self.batch * t + 2 * self.halo)  # input pixels
         core = t * self.batch * t * s * s  # output pixels kept
-        lr_stage = LR_MAPS * net["width"]
-        hr_stage = HR_MAPS * net["head_channels"] * s * s + SKIP_MAPS * net["width"]
         return {
             "input": window * self.bands * (itemsize + 4 + 4),
-            "network": 4 * window * (max(lr_stage, hr_stage) + s * s * n),
+            "network": int(self.activation * window),
             "output": 4 * window * s * s * n + core * (4 * n + 4 + 8 + 4),
         }
 
@@ -257,11 +263,14 @@ class SegmentPlan:
     def same_work(self, other: SegmentPlan) -> bool:
         """Whether ``other`` writes exactly what this plan writes (``threads`` aside).
 
-        ``net`` is the model's (the digest already compares the model), so it is not compared:
-        stores planned before it was recorded resume too.
+        ``net`` is the model's (the digest already compares the model) and ``activation`` a
+        measurement, so they are not compared: stores planned before they were recorded
+        resume too. ``inference`` is: another precision or layout writes other labels.
         """
         mine, theirs = asdict(self), asdict(other)
-        for key in ("threads", "net"):
+        mine["inference"] = self.path.to_dict()
+        theirs["inference"] = other.path.to_dict()
+        for key in ("threads", "net", "activation"):
             mine.pop(key, None)
             theirs.pop(key, None)
         return json.loads(json.dumps(mine)) == json.loads(json.dumps(theirs))
@@ -345,6 +354,7 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
     from planetseg.data import open_cube_dataset
     from planetseg.export import load_model
     from planetseg.model import NetConfig, receptive_radius
+    from planetseg.model.inference import choose_path, this_hardware
 
     cube = Path(cube)
     ds = open_cube_dataset(cube)
@@ -391,6 +401,7 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
         )
     values = [np.datetime_as_string(v, unit="s") for v in ds["time"].values]
     times = select_times(values, config.times)
+    path = choose_path(config.precision, this_hardware())
     return SegmentPlan(
         cube=str(cube.resolve()),
         model=str(Path(config.model).resolve()),
@@ -409,40 +420,68 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
         classes=dict(card["classes"]),
         threads=config.threads,
         net=net.to_dict(),
+        inference=path.to_dict(),
+        activation=_activation_per_pixel(str(Path(config.model).resolve()), card["digest"], path),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _activation_per_pixel(model: str, digest: str, path: InferencePath) -> float:
+    """Bytes of the network's tensors at their peak, per input pixel of a window (measured).
+
+    One forward pass of the model as the workers run it, on a window of 16 x 16 pooling cells
+    (activations grow with the pixels: the same figure per pixel at every window size, see
+    ``tests/test_inference.py``).
+    """
+    from planetseg.model.inference import activation_bytes
+
+    # Measured on this process's CPU: a GPU path's fp16 as bf16 (the same bytes per value;
+    # torch's CPU fp16 convolutions are far too slow to measure with).
+    precision = "bf16" if path.precision == "fp16" else path.precision
+    on_cpu = replace(path, precision=precision, device="cpu")
+    net, _ = worker_model(model, digest, on_cpu, device="cpu")
+    side = 16 * net.config.divisor
+    return activation_bytes(net, net.config.in_bands, side, side) / side**2
 
 
 # --------------------------------------------------------------------------- the worker side
 
-_MODELS: dict[str, tuple[Any, dict[str, Any]]] = {}
+_MODELS: dict[tuple[str, InferencePath, str], tuple[Any, dict[str, Any]]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def worker_model(path: str, digest: str) -> tuple[Any, dict[str, Any]]:
-    """The model of ``digest``, loaded once per process (a per-worker cache).
+def worker_model(
+    path: str, digest: str, inference: InferencePath | None = None, *, device: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The model of ``digest`` on ``inference``'s path, loaded once per process (a cache).
+
+    The network has its BatchNorms folded into the convolutions and is wrapped in an
+    :class:`~planetseg.model.inference.InferenceNet` (float32 in and out) on ``device``: by
+    default the GPU this worker claimed for a CUDA path (see
+    :func:`~planetseg.model.inference.worker_device`), else the CPU.
 
     Raises:
         CheckpointError: the directory now holds other weights than the plan's.
     """
     from planetseg.export import load_model
+    from planetseg.model import fuse_for_inference
+    from planetseg.model.inference import InferenceNet, InferencePath, worker_device
 
+    inference = inference or InferencePath()
+    if device is None:
+        device = worker_device() if inference.device == "cuda" else "cpu"
+    key = (digest, inference, device)
     with _MODELS_LOCK:
-        if digest not in _MODELS:
+        if key not in _MODELS:
             net, card = load_model(path)
             if card["digest"] != digest:
                 raise CheckpointError(
                     f"{path} now holds model {card['digest'][:19]}..., not the planned "
                     f"{digest[:19]}...: it changed during the run"
                 )
-            import torch
-
-            from planetseg.model import fuse_for_inference
-
-            net = fuse_for_inference(net)  # BatchNorm folded into the convolutions
-            if torch.cuda.is_available():  # dask-cuda gives each worker its own GPU as device 0
-                net = net.to("cuda")
-            _MODELS[digest] = (net, card)
-        return _MODELS[digest]
+            # BatchNorm folded into the convolutions, then placed on the path's device/format.
+            _MODELS[key] = (InferenceNet(fuse_for_inference(net), inference, device), card)
+        return _MODELS[key]
 
 
 @functools.cache
@@ -474,7 +513,7 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     from planetseg.evaluate import predict_logits
 
     torch.set_num_threads(plan.threads)
-    net, card = worker_model(plan.model, plan.digest)
+    net, card = worker_model(plan.model, plan.digest, plan.path)
     t_pos, iy, ix0, ix1 = plan.task(index)
     h, w = plan.shape
     tile, halo, s = plan.tile, plan.halo, plan.scale
@@ -490,10 +529,9 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     window = torch.from_numpy(region[None])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
-    device = next(net.parameters()).device
-    logits = predict_logits(net, ((window - mean) / std).to(device), tile=None)
+    logits = predict_logits(net, (window - mean) / std, tile=None)
     core = logits[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
-    prob = torch.softmax(core.float(), dim=0)
+    prob = torch.softmax(core, dim=0)
     confidence, labels = prob.max(dim=0)
     outputs = {"labels": labels.to(torch.uint8), "confidence": _quantised(confidence)}
     # A store made before the crater probability existed is resumed without it.
@@ -614,6 +652,7 @@ def _create_store(
             "planetseg:cube_items": json.dumps(cube_attrs.get("planetseg:items", {})),
             "planetseg:body": cube_attrs.get("planetseg:body", ""),
             "planetseg:classes": json.dumps(plan.classes),
+            INFERENCE_ATTR: json.dumps(plan.path.to_dict() | {"name": plan.path.name}),
             "planetseg:scale": plan.scale,
         }
     )
@@ -662,10 +701,37 @@ def _existing(store: Path, plan: SegmentPlan) -> tuple[bool, set[str]]:
         raise StoreMismatchError(f"{store} is not a planetseg labels store: choose another --out")
     if not SegmentPlan.from_json(old).same_work(plan):
         raise StoreMismatchError(
-            f"{store} holds a segmentation with other settings (model, cube, times, tile, halo "
-            "or batch): choose another --out, or delete it"
+            f"{store} holds a segmentation with other settings (model, cube, times, tile, halo, "
+            f"batch or --precision: it ran {SegmentPlan.from_json(old).path.name}): choose "
+            "another --out, or delete it"
         )
     return bool(get_attr(store, "planetseg:complete")), done_markers(store)
+
+
+def _inference_path(
+    store: Path, plan: SegmentPlan, config: SegmentConfig, client: Any
+) -> SegmentPlan:
+    """``plan`` on the inference path its tasks run, when ``--precision`` is auto.
+
+    A store is computed on one path throughout: ``auto`` continues an earlier run's path (the
+    fp32 reference for stores made before paths were recorded); a new store takes the path
+    for the hardware of the cluster's first worker (a batch job's GPU node, not the login
+    node the plan was made on). A precision given explicitly must match an earlier run's
+    (see :meth:`SegmentPlan.same_work`).
+    """
+    if config.precision != "auto":
+        return plan
+    from planetseg.model.inference import choose_path, this_hardware
+
+    old = get_attr(store, "planetseg:segment") if (store / "zarr.json").exists() else None
+    if old is not None:
+        path = SegmentPlan.from_json(old).path
+    elif client is not None and client.scheduler_info()["workers"]:
+        first = sorted(client.scheduler_info()["workers"])[0]
+        path = choose_path("auto", client.run(this_hardware, workers=[first])[first])
+    else:
+        return plan
+    return replace(plan, inference=path.to_dict())
 
 
 def segment(
@@ -703,7 +769,7 @@ def segment(
     )
     if config.cog:
         prepare_output(config.cog, "segment", inputs=(cube, config.model, store), flag="--cog")
-    plan = plan or plan_segment(cube, config)
+    plan = _inference_path(store, plan or plan_segment(cube, config), config, client)
     complete, done = _existing(store, plan)
     kept = sum(plan.tiles_of(int(m.split("-")[1])) for m in done if m.startswith("task-"))
     lost = _lost_tasks(store, plan) if complete else set()

@@ -74,6 +74,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "torch_threads": (int, False),
         "cog": (bool, False),
         "any_body": (bool, False),
+        "precision": (str, False),
     },
     "diff": {
         "compare": (str, False),
@@ -363,7 +364,7 @@ class _Reader:
                 batch=get(seg, "batch"), halo=get(seg, "halo"),
                 threads=get(seg, "torch_threads"),
                 cog=str(outputs / "cogs") if get(seg, "cog") else None,
-                any_body=get(seg, "any_body"),
+                any_body=get(seg, "any_body"), precision=get(seg, "precision"),
             )  # fmt: skip
         diff = None
         if "diff" in steps:

@@ -1,0 +1,283 @@
+"""How the exported network runs at scale: the device, the precision and the memory it needs.
+
+* :func:`choose_path` turns ``--precision`` and the hardware found into an
+  :class:`InferencePath` (numeric precision and memory format). ``fp32`` is the reference:
+  eager float32 in torch's default memory format, exactly today's labels. ``auto`` takes the
+  fastest path known to be correct on the hardware:
+
+  - on a CPU, channels-last float32 (oneDNN's native NHWC convolutions: measured 1.8-4x
+    faster than NCHW on a 2-core AMD EPYC, 1.8x on an AVX-512 Intel Xeon, labels equal), and
+    bf16 autocast only with AMX (``amx_bf16``: 3.5x measured on the Xeon). With
+    ``avx512_bf16`` but no AMX (this project's AMD EPYC, Zen 4) bf16 measured 1.1x and 2.0x
+    of channels-last float32 in two runs of ``benchmarks/bench_segment.py`` on a shared
+    machine, with equal labels on a barely trained model only: ``auto`` keeps float32 there
+    until bf16's labels are checked on a trained model (``--precision bf16`` forces it);
+  - on a CUDA GPU, channels-last with bf16 autocast (Ampere and later) or fp16 (older).
+
+* :class:`InferenceNet` wraps the network so that it runs on that path and still takes and
+  returns contiguous float32 tensors (every caller stays the same).
+* :func:`worker_device` picks the GPU of a Dask worker: dask-cuda and SLURM both give a worker
+  ``CUDA_VISIBLE_DEVICES``; a worker claims the first device of its list that no other worker
+  process of the same job on the node holds (a lock file each), so N workers of an N-GPU job
+  use the N GPUs, and a dask-cuda worker (whose list starts with its own GPU) its own.
+* :func:`activation_bytes` measures the peak bytes of live tensors of one forward pass (the
+  memory estimate of ``segment --dry-run`` is built from it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import tempfile
+import weakref
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from planetseg.config import PRECISIONS
+from planetseg.errors import InvalidArgumentError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: CPU flags (``/proc/cpuinfo``) printed by the benchmark and read by :func:`choose_path`.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What :func:`choose_path` decides on.
+
+    Attributes:
+        cuda: A CUDA GPU is the device.
+        cuda_bf16: That GPU computes in bf16 natively (compute capability 8.0 or later).
+        cpu_flags: The CPU's feature flags (of :data:`CPU_FLAGS`).
+    """
+
+    cuda: bool = False
+    cuda_bf16: bool = False
+    cpu_flags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    """How the network runs: its numeric precision and its activations' memory format.
+
+    Attributes:
+        precision: ``fp32``, or the autocast dtype ``bf16`` / ``fp16``.
+        channels_last: Activations in NHWC (channels-last) rather than NCHW.
+        device: ``cpu`` or ``cuda``: the kind of device it was chosen for.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    device: str = "cpu"
+
+    @property
+    def name(self) -> str:
+        """A short description (``cpu fp32 channels-last``), as printed and recorded."""
+        layout = "channels-last" if self.channels_last else "contiguous"
+        return f"{self.device} {self.precision} {layout}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (recorded in the plan and the labels store)."""
+        return asdict(self)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's flags of :data:`CPU_FLAGS`, from ``/proc/cpuinfo`` text (read if None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no flags known, so the reference path
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split()) & frozenset(CPU_FLAGS)
+    return frozenset()
+
+
+def this_hardware() -> Hardware:
+    """The hardware of this process: its GPU if torch sees one, and the CPU's flags."""
+    cuda = torch.cuda.is_available()
+    return Hardware(
+        cuda=cuda,
+        cuda_bf16=cuda and torch.cuda.get_device_capability()[0] >= 8,
+        cpu_flags=cpu_flags(),
+    )
+
+
+def choose_path(precision: str, hardware: Hardware) -> InferencePath:
+    """The path ``--precision`` asks for on ``hardware`` (see the module's rules).
+
+    Raises:
+        InvalidArgumentError: an unknown precision, or fp16 on a CPU (torch has no fast CPU
+            fp16 convolutions: measured 300x slower than float32).
+    """
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    device = "cuda" if hardware.cuda else "cpu"
+    if precision == "fp32":
+        return InferencePath("fp32", False, device)
+    if precision == "fp16" and not hardware.cuda:
+        raise InvalidArgumentError(
+            "--precision fp16 needs a CUDA GPU (on a CPU it is far slower than fp32): use "
+            "--precision auto, bf16 or fp32"
+        )
+    if precision == "auto":
+        if hardware.cuda:
+            precision = "bf16" if hardware.cuda_bf16 else "fp16"
+        else:
+            precision = "bf16" if "amx_bf16" in hardware.cpu_flags else "fp32"
+    return InferencePath(precision, True, device)
+
+
+class InferenceNet(nn.Module):
+    """A segmentation network run on an :class:`InferencePath`, float32 in and out.
+
+    Attributes:
+        config: The wrapped network's :class:`~planetseg.model.NetConfig`.
+        path: The path it runs on.
+    """
+
+    def __init__(self, net: nn.Module, path: InferencePath, device: str = "cpu") -> None:
+        super().__init__()
+        self.config = net.config
+        self.path = path
+        net = net.to(device)
+        self.net = net.to(memory_format=torch.channels_last) if path.channels_last else net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, bands, h, w) float32 -> (B, classes, s*h, s*w) float32 logits (contiguous)."""
+        device = next(self.net.parameters()).device
+        x = x.to(device)
+        if self.path.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.path.precision == "fp32":
+            out = self.net(x)
+        else:
+            with torch.autocast(device.type, dtype=_DTYPES[self.path.precision]):
+                out = self.net(x)
+        return out.float().contiguous()
+
+
+# --------------------------------------------------------------------------- GPU placement
+
+
+def visible_gpus(env: Mapping[str, str], count: int) -> list[str]:
+    """The GPUs a process may use, as named by ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs).
+
+    ``count`` is how many devices torch sees; without the variable they are ``0..count-1``.
+    """
+    listed = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def _lock_dir(env: Mapping[str, str]) -> Path:
+    job = env.get("SLURM_JOB_ID") or env.get("PBS_JOBID") or "local"
+    return Path(tempfile.gettempdir()) / f"planetseg-gpus-{os.getuid()}-{job}"
+
+
+def claim_gpu(gpus: list[str], lock_dir: Path) -> tuple[int, IO[str] | None]:
+    """The index in ``gpus`` of the first GPU no other process holds, and its held lock.
+
+    Each GPU has a lock file in ``lock_dir``; the lock is held for as long as the returned
+    file stays open (a worker keeps it for its life; the system drops it when it exits). When
+    every GPU is held (more workers than GPUs) the first is shared: index 0, no lock.
+    """
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for i, gpu in enumerate(gpus):
+        handle = (lock_dir / f"gpu-{gpu.replace('/', '_')}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        return i, handle
+    return 0, None
+
+
+_CLAIMED: list[IO[str]] = []  # the locks this process holds (for its whole life)
+
+
+@functools.cache
+def worker_device() -> str:
+    """The torch device of this process: ``cuda:i`` for the GPU it claimed, else ``cpu``.
+
+    dask-cuda lists each worker's own GPU first in its ``CUDA_VISIBLE_DEVICES``, so it claims
+    that one; the worker processes of a multi-GPU batch job share one list and claim one GPU
+    each (see :func:`claim_gpu`).
+    """
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return "cpu"
+    index, lock = claim_gpu(visible_gpus(os.environ, count), _lock_dir(os.environ))
+    if lock is not None:
+        _CLAIMED.append(lock)
+    return f"cuda:{index}"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+_CONVOLUTIONS = (
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.conv_transpose2d.input,
+)
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of tensor storages created while active and alive; keeps the peak.
+
+    Also keeps the largest source + destination bytes of one convolution (``conv_io``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = self.conv_io = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._count(t.untyped_storage())
+        if func in _CONVOLUTIONS:
+            io = args[0].untyped_storage().nbytes() + out.untyped_storage().nbytes()
+            self.conv_io = max(self.conv_io, io)
+        return out
+
+    def _count(self, storage: Any) -> None:
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, storage.nbytes())
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+def activation_bytes(net: InferenceNet, bands: int, height: int, width: int) -> int:
+    """Peak bytes a forward pass of ``net`` holds on a window, input excluded.
+
+    Measured by running the pass (CPU, no gradients) and counting every tensor it creates
+    while alive, so it follows the architecture, the precision and the memory format. On a
+    CPU in torch's default (NCHW) format, oneDNN also copies a convolution's source and
+    destination into its blocked layout, outside any tensor: the largest convolution's
+    source + destination is added (measured: peak RSS of a 4 x 256 px task 655 MiB in NCHW,
+    425 MiB channels-last, the same tensors in both).
+    """
+    x = torch.zeros(1, bands, height, width)
+    with torch.inference_mode(), _LiveBytes() as counter:
+        out = net(x)
+    del out
+    reordered = net.path.device == "cpu" and not net.path.channels_last
+    return counter.peak + (counter.conv_io if reordered else 0)
