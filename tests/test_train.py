@@ -38,7 +38,7 @@ def _rank_main(rank: int, port: int, cube: str, out: str, world: int) -> None:
     """One rank of a real gloo group, running planetseg's own training loop."""
     import torch.distributed as dist
 
-    from planetseg.data import open_cube
+    from planetseg.data import open_training_data
     from planetseg.train import train_loop
 
     torch.set_num_threads(1)
@@ -47,7 +47,8 @@ def _rank_main(rank: int, port: int, cube: str, out: str, world: int) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
     config = TrainConfig(out=f"{out}/run{world}", steps=1, **TINY)
-    model = train_loop(rank, world, open_cube(cube), config, torch.device("cpu"))
+    data = open_training_data([cube], crop=config.crop, val_fraction=config.val_fraction)
+    model = train_loop(rank, world, data, config, torch.device("cpu"))
     torch.save(model.state_dict(), f"{out}/world{world}-rank{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
