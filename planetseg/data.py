@@ -18,10 +18,14 @@ distributed training reproducible without saving sampler state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
+import os
 import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -678,10 +682,33 @@ class _StepBatches(torch.utils.data.Dataset):
             return exc
 
 
-def _ignore_stop_signals(_: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM to the training process, which stops them."""
+def _start_worker(trainer: int, _: int) -> None:
+    """Set up a loader worker of the training process ``trainer`` (a pid).
+
+    The worker leaves SIGINT/SIGTERM to the training process, which stops its workers, and
+    exits once that process is gone: a forkserver's child outlives a SIGKILLed trainer
+    otherwise (its parent, the server, lives on, so torch's own parent check never fires).
+    """
+    import psutil
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        process = psutil.Process(trainer)
+    except psutil.NoSuchProcess:
+        os._exit(0)
+
+    def watch() -> None:
+        while True:
+            try:
+                gone = not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                os._exit(0)
+            time.sleep(1)
+
+    threading.Thread(target=watch, name="planetseg-trainer-watch", daemon=True).start()
 
 
 def _loader_context() -> Any:
@@ -721,7 +748,7 @@ def streamed_batches(
         sampler=steps,
         num_workers=workers,
         multiprocessing_context=_loader_context() if workers else None,
-        worker_init_fn=_ignore_stop_signals if workers else None,
+        worker_init_fn=functools.partial(_start_worker, os.getpid()) if workers else None,
         prefetch_factor=2 if workers else None,
     )
     batches = iter(loader)
