@@ -8,9 +8,11 @@
    median of the samples/s rank 0 logs between the warm-up and the end of each run.
 2. **Peak memory**: ``planetseg train`` in a fresh process on that cube and on one 16x larger
    (4 x 4 copies of it side by side, written chunk by chunk), sampling the RSS of the training
-   process and of its whole process tree (loader workers included) every 0.1 s.
+   process and of its whole process tree (loader workers included) every 0.1 s; and of the
+   streaming alone (the statistics and 20 batches, read in a fresh process), without the
+   validation, which predicts each cube's whole validation strip at once.
 
-    python benchmarks/bench_train_stream.py [--steps 30] [--repeats 2] [--size 1024]
+    python benchmarks/bench_train_stream.py [--steps 30] [--repeats 2] [--size 1024] [--no-rss]
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def throughput(data: TrainingData, out: Path, workers: int, args: argparse.Names
         batch_size=args.batch,
         crop=args.crop,
         loader_workers=workers,
+        threads=args.threads,
         val_every=10**6,
         checkpoint_every=10**6,
     )
+    torch.set_num_threads(config.threads)  # as train's ranks do
     train_loop(0, 1, data, config, torch.device("cpu"))
     return samples_per_s(out, args.batch)
 
@@ -107,6 +111,26 @@ def peak_rss(cube: Path, out: Path, args: argparse.Namespace) -> tuple[float, fl
     return own / 2**20, tree / 2**20
 
 
+READER = """
+import resource, sys
+from planetseg.data import WindowSampler, open_training_data
+data = open_training_data([sys.argv[1]], crop=int(sys.argv[2]), val_fraction=0.25)
+sampler = WindowSampler(data, crop=int(sys.argv[2]), seed=0)
+for step in range(20):
+    sampler.batch(step, 0, int(sys.argv[3]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def reader_rss(cube: Path, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a fresh process that streams the statistics and 20 batches of ``cube``."""
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(cube), str(args.crop), str(args.batch)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -116,6 +140,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=TrainConfig.loader_workers)
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
+    parser.add_argument("--no-rss", action="store_true", help="measure the throughput only")
     args = parser.parse_args()
     print(f"CPU: {cpu()} ({psutil.cpu_count()} cores)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,13 +166,16 @@ def main() -> None:
                 print(f"  {name:28s} {rate:7.2f} samples/s")
         median = {name: statistics.median(v) for name, v in rates.items()}
         print(
-            f"\nThroughput (batch {args.batch}, crop {args.crop}, {args.size} px cube, 1 thread):"
+            f"\nThroughput (batch {args.batch}, crop {args.crop}, {args.size} px cube, "
+            f"{args.threads} torch thread(s)):"
         )
         for name, rate in median.items():
             print(
                 f"  {name:28s} {rate:7.2f} samples/s  ratio to memory {rate / median['memory']:.2f}"
             )
 
+        if args.no_rss:
+            return
         big = tile_cube(cube, root / "big.zarr", 4)
         rss = {
             "1x": peak_rss(cube, root / "rss-1x", args),
@@ -160,6 +189,12 @@ def main() -> None:
         print(
             f"  ratio 16x / 1x: process {rss['16x'][0] / rss['1x'][0]:.2f}, "
             f"tree {rss['16x'][1] / rss['1x'][1]:.2f}"
+        )
+        reading = {name: reader_rss(path, args) for name, path in (("1x", cube), ("16x", big))}
+        print("Peak RSS of the streaming alone (statistics + 20 batches, fresh process each):")
+        print(
+            f"  1x {reading['1x']:.1f} MiB, 16x {reading['16x']:.1f} MiB, "
+            f"ratio {reading['16x'] / reading['1x']:.2f}"
         )
 
 
