@@ -221,6 +221,27 @@ def test_foreground_windows_see_the_rare_crater_and_stay_reproducible() -> None:
     assert not (focused.batch(3, 0, 8)[0] == a[0]).all()
 
 
+def test_windows_never_enter_the_validation_strips() -> None:
+    import numpy as np
+
+    from planetseg.data import Cube, TrainingData, WindowSampler, spatial_split, statistics
+
+    cubes, splits = [], []
+    for width in (256, 128):  # two cubes, each with its own split
+        split = spatial_split(width, 0.25, multiple=32)
+        labels = np.zeros((2, 96, width), np.uint8)
+        labels[..., split.val] = 1  # what a window must never see
+        labels[:, 40:44, split.train.stop - 4 :] = 2  # foreground at the edge of the strip
+        image = np.random.default_rng(width).random((2, 1, 96, width), dtype=np.float32)
+        cubes.append(Cube.from_arrays(image, labels, ["b"], {0: "a", 1: "val", 2: "crater"}))
+        splits.append(split)
+    data = TrainingData(tuple(cubes), tuple(splits), statistics(cubes, splits))
+    sampler = WindowSampler(data, crop=32, seed=0, foreground=0.5)
+    labels = np.concatenate([sampler.batch(step, 0, 16)[1] for step in range(20)])
+    assert not (labels == 1).any()
+    assert (labels == 2).any(axis=(1, 2)).mean() > 0.4  # the clipped foreground windows
+
+
 def test_mostly_nodata_windows_are_drawn_again() -> None:
     import numpy as np
 
