@@ -434,7 +434,14 @@ MODEL, TRAINING, PROCESSES, RUN = "Model", "Training", "Processes", "Run directo
 
 @app.command()
 def train(
-    cube: Annotated[Path, typer.Argument(help="A complete cube with labels.")],
+    cubes: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Complete cubes with labels (one or more, or folders of cubes): one body, "
+            "the same bands and classes.",
+            show_default=False,
+        ),
+    ],
     out_dir: Annotated[
         Path,
         typer.Option(
@@ -541,8 +548,15 @@ def train(
             rich_help_panel=PROCESSES,
         ),
     ] = 1,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            help="DataLoader processes per rank reading windows from the cubes (0: in process).",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = 2,
 ) -> None:
-    """Train the DSRL network on a cube (torch DDP) and export the segmentation model."""
+    """Train the DSRL network on cubes (torch DDP) and export the segmentation model."""
     from planetseg.config import TrainConfig
     from planetseg.train import distributed_env
     from planetseg.train import train as run_train
@@ -567,6 +581,7 @@ def train(
         depth=depth,
         nproc=nproc,
         threads=torch_threads,
+        loader_workers=loader_workers,
         seed=seed,
         val_every=val_every,
         checkpoint_every=checkpoint_every,
@@ -574,7 +589,7 @@ def train(
     )
     try:
         with _train_progress() as update:
-            model = run_train(cube, config, progress=update)
+            model = run_train(cubes, config, progress=update)
     except TrainingInterrupted as exc:
         again = ["planetseg", *sys.argv[1:], *([] if resume else ["--resume"])]
         _note(f"interrupted at step {exc.step}; resume with: {shlex.join(again)}")

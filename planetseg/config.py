@@ -417,6 +417,9 @@ class TrainConfig:
         checkpoint_every: Steps between checkpoints.
         nproc: Processes (DDP ranks) on this node.
         threads: Torch threads per process (``--torch-threads``).
+        loader_workers: DataLoader processes per rank that read the training windows from the
+            cubes ahead of the step (``--loader-workers``; 0 reads them in the rank itself).
+            The batches do not depend on it.
         seed: Seed of weights, windows and noise.
         resume: Continue from the run directory's checkpoint.
     """
@@ -445,6 +448,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     nproc: int = 1
     threads: int = 1
+    loader_workers: int = 2
     seed: int = 0
     resume: bool = False
 
@@ -500,6 +504,9 @@ class TrainConfig:
             f"must be divisible by --nproc {self.nproc}",
         )
         _int_at_least("--torch-threads", self.threads, 1, "give at least 1 torch thread")
+        _int_at_least(
+            "--loader-workers", self.loader_workers, 0, "give 0 (read in process) or more"
+        )
         _int_at_least("--seed", self.seed, 0, "give a seed >= 0")
 
 

@@ -97,30 +97,35 @@ def evaluate(
         prepare_output(out, "evaluate", kind="file", inputs=(model, cube), owns_file=_is_scores)
     net, card = load_model(model)
     data = open_cube(cube)
-    if data.bands != card["bands"]:
+    if list(data.bands) != card["bands"]:
         raise CheckpointError(
-            f"the model was trained on bands {card['bands']} but the cube has {data.bands}: "
-            "ingest the cube with the model's bands (--bands)"
+            f"the model was trained on bands {card['bands']} but the cube has "
+            f"{list(data.bands)}: ingest the cube with the model's bands (--bands)"
         )
     scale = card["scale"]
     degrade = Degradation(**card["degradation"])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
     classes = {int(k): v for k, v in card["classes"].items()}
-    n = max(net.config.num_classes, data.num_classes)
+    n = max(net.config.num_classes, max(data.classes, default=0) + 1)
     columns = slice(None)
     if region == "val":
         crop = card["training"]["config"]["crop"]
         columns = spatial_split(
-            data.image.shape[-1], card["training"]["config"]["val_fraction"], multiple=crop
+            data.shape[-1], card["training"]["config"]["val_fraction"], multiple=crop
         ).val
     cm = np.zeros((n, n), np.int64)
-    for t in range(data.image.shape[0]):
-        hr = torch.from_numpy(data.image[t : t + 1, :, :, columns])
+    for t in range(data.shape[0]):  # one time step in memory at a time
+        image = data.read("image", (t, slice(None), slice(None), columns))
+        hr = torch.from_numpy(image.astype(np.float32)[None])
         h, w = hr.shape[-2] - hr.shape[-2] % scale, hr.shape[-1] - hr.shape[-1] % scale
         lr = degrade((hr[..., :h, :w] - mean) / std)
         pred = predict_logits(net, lr).argmax(1)[0].numpy()
-        cm += confusion_matrix(data.labels[t, :h, columns][:, :w], pred, n)
+        labels = data.labels_at(t, slice(None), columns)[:h, :w]
+        if (top := int(labels.max(initial=0)) + 1) > n:  # a value the classes do not name
+            cm = np.pad(cm, (0, top - n))
+            n = top
+        cm += confusion_matrix(labels, pred, n)
     result = scores(cm, classes)
     result["model"] = card["digest"]
     result["cube"] = data.store

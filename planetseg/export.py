@@ -2,7 +2,8 @@
 
 What leaves training is the detached :class:`~planetseg.model.SegmentationNet` only (encoder +
 segmentation branch: no SR weights), stored so that loading never executes pickled code. The
-card says what the model expects and what it was trained on; its ``digest`` (SHA-256 of the
+card says what the model expects and what it was trained on (the cubes, ``training.cubes``;
+``training.cube`` is the first of them); its ``digest`` (SHA-256 of the
 weights file) is what later stages record as the model that made a product.
 """
 
@@ -76,7 +77,8 @@ def export_model(
         "body": data.body,
         "degradation": dataclasses.asdict(degradation),
         "training": {
-            "cube": data.store,
+            "cube": data.stores[0],
+            "cubes": data.stores,
             "git_commit": _git_commit(),
             "config": dataclasses.asdict(train_config),
         },

@@ -186,6 +186,7 @@ def _model(path: Path) -> dict[str, Any]:
         "miou": metrics.get("miou"),
         "provenance": {
             "cube": card.get("training", {}).get("cube"),
+            "cubes": card.get("training", {}).get("cubes"),
             "git_commit": card.get("training", {}).get("git_commit"),
             "version": card.get("planetseg"),
         },

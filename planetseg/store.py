@@ -217,15 +217,26 @@ class ChunkGuard:
                     f"missing: {self.hint}"
                 )
 
-    def read(self, name: str, selection: Selection = (), read: Callable[[], T] | None = None) -> T:
+    def read(
+        self,
+        name: str,
+        selection: Selection = (),
+        read: Callable[[], T] | None = None,
+        *,
+        array: Any = None,
+    ) -> T:
         """``read()`` (default: zarr's ``array[selection]``) after :meth:`check`.
+
+        ``array`` is the zarr array ``name`` when the caller has it open already (else it is
+        opened here).
 
         Raises:
             StoreCorruptError: a chunk is missing, or does not decode.
         """
-        import zarr
+        if array is None:
+            import zarr
 
-        array = zarr.open_array(self.store, path=name, mode="r")
+            array = zarr.open_array(self.store, path=name, mode="r")
         self.check(name, selection, array)
         try:
             return read() if read is not None else array[selection]

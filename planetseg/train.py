@@ -29,7 +29,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +41,12 @@ from torch import distributed as dist
 
 from planetseg.config import TrainConfig
 from planetseg.data import (
-    CubeData,
     Degradation,
     Photometric,
-    Split,
+    TrainingData,
     WindowSampler,
-    open_cube,
-    spatial_split,
+    open_training_data,
+    streamed_batches,
 )
 from planetseg.errors import CheckpointError, InvalidArgumentError, TrainingInterrupted
 from planetseg.metrics import confusion_matrix, scores
@@ -94,22 +93,30 @@ def distributed_env() -> tuple[int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def train(cube: str | Path, config: TrainConfig, progress: Progress | None = None) -> Path:
-    """Train on ``cube`` into ``config.out``; return the exported model's directory.
+def train(
+    cubes: str | Path | Sequence[str | Path], config: TrainConfig, progress: Progress | None = None
+) -> Path:
+    """Train on ``cubes`` into ``config.out``; return the exported model's directory.
+
+    Windows are streamed from the cubes' stores (:func:`~planetseg.data.streamed_batches`);
+    their statistics are read once, chunk by chunk, before any rank starts.
 
     Args:
-        cube: A complete cube with labels.
+        cubes: A complete cube with labels, or several (or folders of them) of one body with
+            the same bands and classes.
         config: The run's settings.
         progress: Called by rank 0 after every step (in this process, whichever the rank
             layout); None for silence.
 
     Raises:
-        PlanetsegError: bad cube (no labels, unfinished), bad settings (scale vs crop),
+        PlanetsegError: bad cube (no labels, unfinished, of another body, bands or classes
+            than the first), bad settings (scale vs crop),
             unreadable checkpoint on ``resume``; an ``out`` that is a file, the cube, not
             writable, or a folder that train did not write (OutputPathError).
         TrainingInterrupted: SIGINT or SIGTERM stopped the run (after a checkpoint).
     """
-    data = open_cube(cube)
+    paths = [cubes] if isinstance(cubes, str | Path) else list(cubes)
+    data = open_training_data(paths, crop=config.crop, val_fraction=config.val_fraction)
     torchrun = distributed_env()
     _validate(data, config, torchrun[1] if torchrun else config.nproc)
     if torchrun and config.nproc != 1:
@@ -118,7 +125,7 @@ def train(cube: str | Path, config: TrainConfig, progress: Progress | None = Non
             "(--nproc-per-node), drop --nproc"
         )
     run = Path(config.out)
-    prepare_output(run, "train", inputs=(cube,))
+    prepare_output(run, "train", inputs=tuple(paths))
     if config.resume:
         # Fail here, in one line, before any process starts.
         _check_resume(_read_checkpoint(run / CHECKPOINT), data, config)
@@ -130,13 +137,13 @@ def train(cube: str | Path, config: TrainConfig, progress: Progress | None = Non
     if torchrun or config.nproc == 1:  # this process is one rank: torchrun's, or the only one
         rank, world = torchrun or (0, 1)
         with _stop_on_signals() as stop:
-            _worker(rank, world, str(cube), config, None, progress, stop)
+            _worker(rank, world, data, config, None, progress, stop)
     else:
-        _run_ranks(str(cube), config, progress)
+        _run_ranks(data, config, progress)
     return run / "model"
 
 
-def _run_ranks(cube: str, config: TrainConfig, progress: Progress | None) -> None:
+def _run_ranks(data: TrainingData, config: TrainConfig, progress: Progress | None) -> None:
     """``config.nproc`` ranks on this node: rank 0 here, the others in new processes."""
     import torch.multiprocessing as mp
 
@@ -145,11 +152,11 @@ def _run_ranks(cube: str, config: TrainConfig, progress: Progress | None) -> Non
     # Ctrl-C while they start cannot kill one outside the step boundaries the ranks agree on.
     with _signals_ignored():
         ranks = mp.start_processes(
-            _spawned, args=(config.nproc, cube, config, port), nprocs=config.nproc - 1, join=False
+            _spawned, args=(config.nproc, data, config, port), nprocs=config.nproc - 1, join=False
         )
     try:
         with _stop_on_signals() as stop:
-            _worker(0, config.nproc, cube, config, port, progress, stop)
+            _worker(0, config.nproc, data, config, port, progress, stop)
     except TrainingInterrupted:
         _join(ranks)  # they stop at the same step
         raise
@@ -167,11 +174,11 @@ def _join(ranks: Any) -> None:
         pass
 
 
-def _spawned(index: int, world: int, cube: str, config: TrainConfig, port: int) -> None:
+def _spawned(index: int, world: int, data: TrainingData, config: TrainConfig, port: int) -> None:
     """Rank ``index + 1`` in a process of its own; a clean stop is not a failure."""
     with _stop_on_signals() as stop:
         try:
-            _worker(index + 1, world, cube, config, port, None, stop)
+            _worker(index + 1, world, data, config, port, None, stop)
         except TrainingInterrupted:
             pass
 
@@ -230,15 +237,13 @@ def _agreed_stop(stop: _StopSignal | None, world: int, device: torch.device) -> 
     return int(flag.item())
 
 
-def _validate(data: CubeData, config: TrainConfig, world: int) -> None:
-    """The checks that need the cube or the process count (the config checked its own values)."""
+def _validate(data: TrainingData, config: TrainConfig, world: int) -> None:
+    """The checks that need the process count (the config and the cubes checked their own)."""
     if config.batch_size % world:
         processes = f"--nproc {world}" if world == config.nproc else f"WORLD_SIZE {world}"
         raise InvalidArgumentError(
             f"--batch-size {config.batch_size} must be divisible by the {processes} processes"
         )
-    split = spatial_split(data.image.shape[-1], config.val_fraction, multiple=config.crop)
-    WindowSampler(data, split, crop=config.crop, seed=config.seed)  # a window fits the strip
 
 
 #: The settings a checkpoint's weights depend on, and their flags: a resumed run keeps them.
@@ -257,7 +262,7 @@ def _setting(flag: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
-def _check_resume(state: dict[str, Any], data: CubeData, config: TrainConfig) -> None:
+def _check_resume(state: dict[str, Any], data: TrainingData, config: TrainConfig) -> None:
     """Refuse to resume a checkpoint with settings or a cube its weights do not fit.
 
     Raises:
@@ -279,7 +284,7 @@ def _check_resume(state: dict[str, Any], data: CubeData, config: TrainConfig) ->
     if bands is not None and list(bands) != data.bands:
         raise CheckpointError(
             f"--resume: the run in {run} was trained on bands {list(bands)} and this cube has "
-            f"{data.bands}: resume on the run's cube, or choose another --out for a new run"
+            f"{data.bands}: resume on the run's cubes, or choose another --out for a new run"
         )
     model, _ = _build(data, config)
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -315,7 +320,7 @@ def _device(rank: int) -> torch.device:
 def _worker(
     rank: int,
     world: int,
-    cube: str,
+    data: TrainingData,
     config: TrainConfig,
     port: int | None,
     progress: Progress | None = None,
@@ -330,13 +335,13 @@ def _worker(
         init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
-        train_loop(rank, world, open_cube(cube), config, device, progress=progress, stop=stop)
+        train_loop(rank, world, data, config, device, progress=progress, stop=stop)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _build(data: CubeData, config: TrainConfig) -> tuple[DSRLNet, NetConfig]:
+def _build(data: TrainingData, config: TrainConfig) -> tuple[DSRLNet, NetConfig]:
     net_config = NetConfig(
         in_bands=len(data.bands),
         num_classes=data.num_classes,
@@ -352,7 +357,7 @@ def _build(data: CubeData, config: TrainConfig) -> tuple[DSRLNet, NetConfig]:
 def train_loop(
     rank: int,
     world: int,
-    data: CubeData,
+    data: TrainingData,
     config: TrainConfig,
     device: torch.device,
     progress: Progress | None = None,
@@ -363,7 +368,7 @@ def train_loop(
     Args:
         rank: This process's rank.
         world: Number of ranks.
-        data: The training cube.
+        data: The training cubes (windows are read from their stores).
         config: The run's settings.
         device: This rank's device.
         progress: Called on rank 0 after every step.
@@ -380,8 +385,7 @@ def train_loop(
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
     model, net_config = _build(data, config)
-    split = spatial_split(data.image.shape[-1], config.val_fraction, multiple=config.crop)
-    mean, std = data.band_stats(split.train)
+    mean, std = data.stats.mean, data.stats.std
     norm = (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
     model.to(device)
     ddp = (
@@ -412,17 +416,20 @@ def train_loop(
         if rank == 0:
             _truncate_metrics(run / METRICS, start)
     sampler = WindowSampler(
-        data, split, crop=config.crop, seed=config.seed, foreground=config.foreground_windows
+        data, crop=config.crop, seed=config.seed, foreground=config.foreground_windows
     )
     degrade = Degradation(config.scale, config.psf_sigma, config.noise)
     jitter = Photometric() if config.augment == "photometric" else None
     weights = LossWeights(
         config.w_sr, config.w_fa, config.fa_subsample, dice=1.0 if config.loss == "ce+dice" else 0.0
     )
-    class_weights = data.loss_weights(config.class_weights, split.train)
+    class_weights = data.loss_weights(config.class_weights)
     if class_weights is not None:
         class_weights = torch.from_numpy(class_weights).to(device)
     per_rank = config.batch_size // world
+    batches = streamed_batches(
+        sampler, rank, per_rank, range(start, config.steps), config.loader_workers
+    )
     log = (run / METRICS).open("a") if rank == 0 else None
     t0 = time.perf_counter()
     saved = start if config.resume else None
@@ -437,6 +444,7 @@ def train_loop(
                 dist.barrier()  # nobody leaves before the checkpoint is on disk
             if log is not None:
                 log.close()
+            batches.close()
             raise TrainingInterrupted(
                 f"interrupted at step {step} of {config.steps} ({signal.Signals(signum).name}); "
                 f"{run / CHECKPOINT} holds that step to resume from",
@@ -444,15 +452,15 @@ def train_loop(
                 signum,
             )
         model.train()
-        hr_np, labels_np = sampler.batch(step, rank, per_rank)
-        hr = (torch.from_numpy(hr_np) - norm[0]) / norm[1]
+        hr_raw, labels = next(batches)
+        hr = (hr_raw - norm[0]) / norm[1]
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + rank)
         if jitter is not None:
             hr = jitter(hr, gen)  # input and SR target alike: the window as another sensor saw it
         lr = degrade(hr, gen)
         out = ddp(lr.to(device))
         losses = dsrl_loss(
-            out, torch.from_numpy(labels_np).to(device), hr.to(device), weights, class_weights
+            out, labels.to(device, torch.int64), hr.to(device), weights, class_weights
         )
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -467,7 +475,7 @@ def train_loop(
                 "samples_per_s": config.batch_size * (done - start) / (time.perf_counter() - t0),
             }
             if done % config.val_every == 0 or done == config.steps:
-                record["val"] = validate(model, data, split, norm, degrade, device)
+                record["val"] = validate(model, data, norm, degrade, device)
             log.write(json.dumps(record) + "\n")
             log.flush()
             if progress is not None:
@@ -484,10 +492,11 @@ def train_loop(
                 dist.barrier()
     if log is not None:
         log.close()
+    batches.close()
     if rank == 0:
         from planetseg.export import export_model
 
-        final = validate(model, data, split, norm, degrade, device)
+        final = validate(model, data, norm, degrade, device)
         export_model(
             model,
             net_config,
@@ -531,13 +540,12 @@ def _save_checkpoint(
 
 def validate(
     model: DSRLNet,
-    data: CubeData,
-    split: Split,
+    data: TrainingData,
     norm: tuple[torch.Tensor, torch.Tensor],
     degrade: Degradation,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Per-class scores of ``model`` on the held-out strip (LR input, HR labels)."""
+    """Per-class scores of ``model`` on the held-out strips (LR input, HR labels)."""
     from planetseg.evaluate import predict_logits
 
     model.eval()
@@ -545,11 +553,12 @@ def validate(
     s = model.config.scale
     n = data.num_classes
     cm = np.zeros((n, n), np.int64)
-    for t in range(data.image.shape[0]):
-        hr = torch.from_numpy(data.image[t : t + 1, :, :, split.val])
+    for part in data.validation_parts():
+        image, labels = data.validation_strip(part)
+        hr = torch.from_numpy(image)
         h, w = hr.shape[-2] - hr.shape[-2] % s, hr.shape[-1] - hr.shape[-1] % s
         pred = predict_logits(seg, degrade((hr[..., :h, :w] - norm[0]) / norm[1])).argmax(1)
-        cm += confusion_matrix(data.labels[t, :h, split.val][:, :w], pred[0].numpy(), n)
+        cm += confusion_matrix(labels[:h, :w], pred[0].numpy(), n)
     model.to(device)
     return scores(cm, data.classes)
 

@@ -67,6 +67,7 @@ CASES = [
     (["train", "cube.zarr", "--crop", "36"], ["--crop 36", "multiple"]),
     (["train", "cube.zarr", "--lr", "-1"], ["--lr -1"]),
     (["train", "cube.zarr", "--torch-threads", "0"], ["--torch-threads 0"]),
+    (["train", "cube.zarr", "--loader-workers", "-1"], ["--loader-workers -1"]),
     (["train", "cube.zarr", "--scale", "3"], ["--scale 3", "1, 2 or 4"]),
     (["train", "cube.zarr", "--scale", "3", "--crop", "36"], ["--scale 3"]),
     (["train", "cube.zarr", "--class-weights", "bogus"], ["--class-weights bogus"]),

@@ -171,22 +171,11 @@ def test_degradation_at_scale_1_without_psf_is_the_identity() -> None:
 def test_median_frequency_class_weights() -> None:
     import numpy as np
 
-    from planetseg.data import CubeData
+    from planetseg.data import median_frequency
 
-    labels = np.zeros((1, 10, 10), np.int64)
-    labels[0, :2] = 1  # 20 %
-    labels[0, 2:3] = 3  # 10 %, class 2 absent
-    data = CubeData(
-        image=np.zeros((1, 1, 10, 10), np.float32),
-        labels=labels,
-        bands=["b"],
-        classes={0: "a", 1: "b", 2: "c", 3: "d"},
-        resolution=1.0,
-        body="moon",
-        store="",
-    )
-    w = data.class_weights(slice(None))
-    freq = np.array([0.7, 0.2, 0.0, 0.1])
+    counts = np.array([70, 20, 0, 10])  # class 2 absent
+    w = median_frequency(counts)
+    freq = counts / 100
     assert w[2] == 0
     present = freq > 0
     np.testing.assert_allclose(w[present] * freq[present], np.median(freq[present]))
@@ -195,36 +184,34 @@ def test_median_frequency_class_weights() -> None:
 def test_sqrt_class_weights_lie_between_none_and_balanced() -> None:
     import numpy as np
 
-    from planetseg.data import CubeData
+    from planetseg.data import loss_weights
 
-    labels = np.zeros((1, 10, 10), np.int64)
-    labels[0, :1] = 1  # 10 % crater pixels
-    data = CubeData(np.zeros((1, 1, 10, 10), np.float32), labels, ["b"],
-                    {0: "background", 1: "crater"}, 1.0, "moon", "")  # fmt: skip
-    balanced = data.loss_weights("balanced", slice(None))
-    np.testing.assert_allclose(data.loss_weights("sqrt", slice(None)), np.sqrt(balanced))
-    assert data.loss_weights("none", slice(None)) is None
+    counts = np.array([90, 10])  # 10 % crater pixels
+    balanced = loss_weights("balanced", counts)
+    np.testing.assert_allclose(loss_weights("sqrt", counts), np.sqrt(balanced))
+    assert loss_weights("none", counts) is None
     assert balanced[1] / balanced[0] == pytest.approx(9.0)  # 90 % / 10 %
 
 
-def _one_crater_cube():  # noqa: ANN202
+def _one_crater_data():  # noqa: ANN202
     import numpy as np
 
-    from planetseg.data import CubeData
+    from planetseg.data import Cube, TrainingData, spatial_split, statistics
 
-    labels = np.zeros((2, 256, 256), np.int64)
+    labels = np.zeros((2, 256, 256), np.uint8)
     labels[1, 200:210, 30:40] = 1  # one small crater, in one time step only
     image = np.random.default_rng(0).random((2, 1, 256, 256), dtype=np.float32)
-    return CubeData(image, labels, ["b"], {0: "background", 1: "crater"}, 1.0, "moon", "")
+    cube = Cube.from_arrays(image, labels, ["b"], {0: "background", 1: "crater"})
+    split = spatial_split(256, 0.25, multiple=64)
+    return TrainingData((cube,), (split,), statistics([cube], [split]))
 
 
 def test_foreground_windows_see_the_rare_crater_and_stay_reproducible() -> None:
-    from planetseg.data import WindowSampler, spatial_split
+    from planetseg.data import WindowSampler
 
-    data = _one_crater_cube()
-    split = spatial_split(256, 0.25, multiple=64)
-    uniform = WindowSampler(data, split, crop=32, seed=1)
-    focused = WindowSampler(data, split, crop=32, seed=1, foreground=1.0)
+    data = _one_crater_data()
+    uniform = WindowSampler(data, crop=32, seed=1)
+    focused = WindowSampler(data, crop=32, seed=1, foreground=1.0)
     hits = [(focused.batch(step, 0, 8)[1] > 0).any(axis=(1, 2)).mean() for step in range(10)]
     assert min(hits) == 1.0  # every window holds crater pixels
     seen = [(uniform.batch(step, 0, 8)[1] > 0).any(axis=(1, 2)).mean() for step in range(10)]
@@ -232,6 +219,46 @@ def test_foreground_windows_see_the_rare_crater_and_stay_reproducible() -> None:
     a, b = focused.batch(3, 1, 8), focused.batch(3, 1, 8)
     assert all((x == y).all() for x, y in zip(a, b, strict=True))  # f(seed, step, rank)
     assert not (focused.batch(3, 0, 8)[0] == a[0]).all()
+
+
+def test_windows_never_enter_the_validation_strips() -> None:
+    import numpy as np
+
+    from planetseg.data import Cube, TrainingData, WindowSampler, spatial_split, statistics
+
+    cubes, splits = [], []
+    for width in (256, 128):  # two cubes, each with its own split
+        split = spatial_split(width, 0.25, multiple=32)
+        labels = np.zeros((2, 96, width), np.uint8)
+        labels[..., split.val] = 1  # what a window must never see
+        labels[:, 40:44, split.train.stop - 4 :] = 2  # foreground at the edge of the strip
+        image = np.random.default_rng(width).random((2, 1, 96, width), dtype=np.float32)
+        cubes.append(Cube.from_arrays(image, labels, ["b"], {0: "a", 1: "val", 2: "crater"}))
+        splits.append(split)
+    data = TrainingData(tuple(cubes), tuple(splits), statistics(cubes, splits))
+    sampler = WindowSampler(data, crop=32, seed=0, foreground=0.5)
+    labels = np.concatenate([sampler.batch(step, 0, 16)[1] for step in range(20)])
+    assert not (labels == 1).any()
+    assert (labels == 2).any(axis=(1, 2)).mean() > 0.4  # the clipped foreground windows
+
+
+def test_mostly_nodata_windows_are_drawn_again() -> None:
+    import numpy as np
+
+    from planetseg.data import Cube, TrainingData, WindowSampler, spatial_split, statistics
+
+    image = np.random.default_rng(0).random((1, 1, 128, 256), dtype=np.float32)
+    image[..., :, 96:] = np.nan  # the scene covers only the first 96 columns
+    labels = np.zeros((128, 256), np.uint8)
+    cube = Cube.from_arrays(image, labels, ["b"], {0: "background"})
+    split = spatial_split(256, 0.25, multiple=32)
+    data = TrainingData((cube,), (split,), statistics([cube], [split]))
+    assert np.isfinite(data.stats.mean).all()  # nodata is left out of the statistics
+    hr, lab = WindowSampler(data, crop=32, seed=0).batch(0, 0, 32)
+    assert lab.dtype == np.uint8 and hr.dtype == np.float32
+    assert np.isfinite(hr).all()  # the nodata a kept window has holds the band mean
+    # every window starts at most 80 columns in: at least half of it has data
+    assert (np.isclose(hr, data.stats.mean[0]).mean(axis=(1, 2, 3)) <= 0.5).all()
 
 
 def test_photometric_jitter_is_reproducible_and_keeps_the_order_of_values() -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ def _rank_main(rank: int, port: int, cube: str, out: str, world: int) -> None:
     """One rank of a real gloo group, running planetseg's own training loop."""
     import torch.distributed as dist
 
-    from planetseg.data import open_cube
+    from planetseg.data import open_training_data
     from planetseg.train import train_loop
 
     torch.set_num_threads(1)
@@ -47,7 +48,8 @@ def _rank_main(rank: int, port: int, cube: str, out: str, world: int) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
     config = TrainConfig(out=f"{out}/run{world}", steps=1, **TINY)
-    model = train_loop(rank, world, open_cube(cube), config, torch.device("cpu"))
+    data = open_training_data([cube], crop=config.crop, val_fraction=config.val_fraction)
+    model = train_loop(rank, world, data, config, torch.device("cpu"))
     torch.save(model.state_dict(), f"{out}/world{world}-rank{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
@@ -115,8 +117,11 @@ def test_kill_and_resume_equals_uninterrupted(small_cube: Path, tmp_path: Path) 
         "--checkpoint-every",
         "4",
     ]
-    clean = planetseg(*args, "--out", str(tmp_path / "clean"), timeout=300)
+    # Windows streamed in this process for the clean run, by 2 loader workers for the killed
+    # one: the weights agree only if the batches depend on neither the workers nor the kill.
+    clean = planetseg(*args, "--out", str(tmp_path / "clean"), "--loader-workers", "0", timeout=300)
     assert clean.returncode == 0, clean.stderr
+    args += ["--loader-workers", "2"]
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "planetseg.cli", *args, "--out", str(run)],
@@ -129,8 +134,12 @@ def test_kill_and_resume_equals_uninterrupted(small_cube: Path, tmp_path: Path) 
         if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 8:
             break
         time.sleep(0.05)
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # the loader's processes
+    assert helpers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, "a loader worker outlived the killed run"
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 8 <= step < 200, "the kill must land mid-run"
     assert not (run / "model").exists()
@@ -279,3 +288,84 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(
     assert resumed.returncode == 0, resumed.stderr
     a = (two_process_run / "model" / WEIGHTS).read_bytes()
     assert (run / "model" / WEIGHTS).read_bytes() == a
+
+
+# Streaming: windows read by index from one or several cubes, in DataLoader workers.
+
+
+def test_streamed_statistics_equal_the_in_memory_ones(small_cube: Path) -> None:
+    import numpy as np
+    import xarray as xr
+
+    from planetseg.data import open_training_data
+
+    data = open_training_data([small_cube], crop=32, val_fraction=0.25)
+    train = data.splits[0].train
+    ds = xr.open_zarr(small_cube)
+    image = ds["image"].values.astype(np.float32)[..., train]  # what train read before
+    labels = ds["labels"].values.astype(np.int64)
+    np.testing.assert_allclose(data.stats.mean, image.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(data.stats.std, image.std(axis=(0, 2, 3)), rtol=1e-5)
+    counts = np.bincount(labels[..., train].ravel(), minlength=data.num_classes)
+    freq = counts / counts.sum()
+    want = np.where(freq > 0, np.median(freq[freq > 0]) / np.maximum(freq, 1e-12), 0)
+    np.testing.assert_allclose(data.loss_weights("balanced"), want, rtol=1e-6)
+    assert data.num_classes == int(labels.max()) + 1 == 4
+    assert data.label_dtype == np.uint8
+
+
+def test_loader_workers_do_not_change_the_batches(small_cube: Path) -> None:
+    import numpy as np
+
+    from planetseg.data import WindowSampler, open_training_data, streamed_batches
+
+    data = open_training_data([small_cube], crop=32, val_fraction=0.25)
+    sampler = WindowSampler(data, crop=32, seed=5, foreground=0.5)
+    batches = {
+        workers: list(streamed_batches(sampler, 1, 4, range(3, 9), workers)) for workers in (0, 2)
+    }
+    assert len(batches[0]) == len(batches[2]) == 6
+    for (hr0, lab0), (hr2, lab2) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(hr0, hr2) and torch.equal(lab0, lab2)
+        assert lab0.dtype == torch.uint8 and hr0.shape == (4, 1, 32, 32)
+    # a batch is the function of its step: the same whatever range it was read in
+    hr, labels = sampler.batch(5, 1, 4)
+    np.testing.assert_array_equal(batches[0][2][0].numpy(), hr)
+    np.testing.assert_array_equal(batches[0][2][1].numpy(), labels)
+
+
+@pytest.fixture(scope="module")
+def other_cubes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Moon cube of another world's seed, and a Mars cube (128 px each)."""
+    root = tmp_path_factory.mktemp("others")
+    cubes = {}
+    for name, crs in (("moon", "IAU_2015:30110"), ("mars", "IAU_2015:49910")):
+        world = synthesize(root / name, config=SynthConfig(size=128, seed=11, crs=crs))
+        cubes[name] = root / f"{name}.zarr"
+        ingest(world.items, IngestConfig(out=str(cubes[name]), labels="labels", tile=64))
+    return cubes
+
+
+def test_training_on_two_cubes_of_one_body(
+    small_cube: Path, other_cubes: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "scenes"  # a folder of cubes is its cubes
+    folder.mkdir()
+    (folder / "b.zarr").symlink_to(other_cubes["moon"], target_is_directory=True)
+    (folder / "a.zarr").symlink_to(small_cube, target_is_directory=True)
+    args = ["--steps", "3", "--width", "8", "--depth", "2", "--crop", "32", "--batch-size", "4"]
+    proc = planetseg("train", str(folder), "--out", str(tmp_path / "run"), *args)
+    assert proc.returncode == 0, proc.stderr
+    _, card = load_model(tmp_path / "run" / "model")
+    assert card["training"]["cubes"] == [
+        str((folder / "a.zarr").resolve()),
+        str((folder / "b.zarr").resolve()),
+    ]
+    # validation scored both cubes' strips: 3 + 3 time steps of 256 x 64 and 128 x 32 px
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sum(map(sum, last["val"]["confusion"])) == 3 * (256 * 64 + 128 * 32)
+
+    mixed = planetseg("train", str(small_cube), str(other_cubes["mars"]), "--out",
+                      str(tmp_path / "mixed"), *args)  # fmt: skip
+    assert_one_line_error(mixed, "mix bodies", "moon", "mars", str(other_cubes["mars"]))
+    assert not (tmp_path / "mixed").exists()
