@@ -541,6 +541,23 @@ def train(
             rich_help_panel=PROCESSES,
         ),
     ] = 1,
+    amp: Annotated[
+        str,
+        typer.Option(
+            metavar="off|bf16|fp16|auto",
+            help="Mixed precision of the training step: bf16 (GPU with bf16, any CPU), fp16 "
+            "(GPU), auto (what the device computes natively), off.",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = "off",
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last",
+            help="Channels-last memory format (faster convolutions on GPUs and oneDNN).",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = False,
 ) -> None:
     """Train the DSRL network on a cube (torch DDP) and export the segmentation model."""
     from planetseg.config import TrainConfig
@@ -567,6 +584,8 @@ def train(
         depth=depth,
         nproc=nproc,
         threads=torch_threads,
+        amp=amp,
+        channels_last=channels_last,
         seed=seed,
         val_every=val_every,
         checkpoint_every=checkpoint_every,

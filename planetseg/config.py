@@ -26,6 +26,8 @@ CLASS_WEIGHTS = ("balanced", "sqrt", "none")
 LOSSES = ("ce", "ce+dice")
 #: Values of ``--augment``.
 AUGMENTS = ("none", "photometric")
+#: Values of ``--amp``: mixed precision of the training step.
+AMPS = ("off", "bf16", "fp16", "auto")
 #: Output/input resolution ratios the network supports (1: the HR-input baseline).
 SCALES = (1, 2, 4)
 #: Largest ``--tile``: beyond it a tile is no longer a unit of work (see also the memory check
@@ -402,6 +404,12 @@ class TrainConfig:
         checkpoint_every: Steps between checkpoints.
         nproc: Processes (DDP ranks) on this node.
         threads: Torch threads per process (``--torch-threads``).
+        amp: Mixed precision of the training step's forward pass: ``off`` (float32),
+            ``bf16`` (bfloat16 autocast, on CUDA with bfloat16 support or any CPU), ``fp16``
+            (float16 autocast with gradient scaling, CUDA only), ``auto`` (bf16 on a GPU or
+            CPU with native bfloat16, fp16 on an older GPU, else off). Validation stays float32.
+        channels_last: Keep weights and activations in the channels-last memory format
+            (faster convolutions on tensor cores and oneDNN; the same function, other rounding).
         seed: Seed of weights, windows and noise.
         resume: Continue from the run directory's checkpoint.
     """
@@ -430,6 +438,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     nproc: int = 1
     threads: int = 1
+    amp: str = "off"
+    channels_last: bool = False
     seed: int = 0
     resume: bool = False
 
@@ -485,6 +495,7 @@ class TrainConfig:
             f"must be divisible by --nproc {self.nproc}",
         )
         _int_at_least("--torch-threads", self.threads, 1, "give at least 1 torch thread")
+        _one_of("--amp", self.amp, AMPS)
         _int_at_least("--seed", self.seed, 0, "give a seed >= 0")
 
 
