@@ -1,6 +1,7 @@
 """The ``train`` stage: the DSRL network on a cube, with torch DDP, checkpoints and export.
 
-One process per device (gloo on CPU, NCCL on GPU). ``nproc > 1`` on one node is launched here:
+One process per device (gloo on CPU, NCCL on GPU: rank ``r`` of ``--nproc`` on ``cuda:r``, under
+torchrun ``cuda:LOCAL_RANK``). ``nproc > 1`` on one node is launched here:
 rank 0 runs in the calling process (so progress callbacks and signals need no plumbing), ranks
 1.. in processes started with ``torch.multiprocessing``. Under ``torchrun`` (``RANK``/
 ``WORLD_SIZE`` set) each process simply joins the group torchrun made, so multi-node runs work
@@ -15,7 +16,12 @@ Reproducible by construction: every rank's batch is a pure function of (seed, st
 checkpoint holds model, optimiser, scheduler, step and RNG states, so ``--resume`` continues
 exactly where the run stopped. Rank 0 writes ``metrics.jsonl`` (losses per step, per-class
 metrics per validation), ``checkpoint.pt``, and at the end the exported model
-(:mod:`planetseg.export`).
+(:mod:`planetseg.export`). Every rank validates its share of the held-out strip
+(:func:`validate`), so none waits for the others toward the collectives' timeout.
+
+``--amp`` autocasts the training step's forward pass (bf16, or fp16 with a gradient scaler);
+the losses, the optimiser and validation stay float32. Off by default: float32 results are
+exact and reproducible, which a precision chosen by the hardware would not be.
 """
 
 from __future__ import annotations
