@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -101,70 +103,96 @@ def arm(name: str, cube: Path, root: Path, args: argparse.Namespace) -> float:
     return sum(rates)
 
 
-def _all_reduce_rank(rank: int, port: int, numel: int, calls: int, out: str) -> None:
-    import torch
+def _network() -> tuple[DSRLNet, torch.optim.Optimizer, Degradation]:
+    """train's default network (1 band, 4 classes), its optimiser and degradation."""
+    config = TrainConfig(out="unused")
+    torch.manual_seed(0)
+    model = DSRLNet(NetConfig(1, 4, config.scale, config.width, config.depth, config.head_channels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    return model, optimizer, Degradation(config.scale, config.psf_sigma, config.noise)
+
+
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    degrade: Degradation,
+    batch: int,
+    crop: int,
+) -> tuple[float, float]:
+    """One training step on random windows: (CPU seconds, wall seconds)."""
+    hr = torch.randn(batch, 1, crop, crop)
+    labels = torch.randint(0, 4, (batch, crop, crop))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    losses = dsrl_loss(model(degrade(hr)), labels, hr, LossWeights())
+    optimizer.zero_grad()
+    losses["loss"].backward()
+    optimizer.step()
+    return time.process_time() - cpu0, time.perf_counter() - t0
+
+
+def _ddp_rank(rank: int, port: int, batch: int, crop: int, out: str) -> None:
+    """Rank ``rank`` of 2, timed: the gradients' all-reduce; DDP steps alternating with steps of
+    a network of its own (no DDP) while the other rank does the same."""
     from torch import distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    grads = torch.randn(numel)
-    for _ in range(5):
+    model, optimizer, degrade = _network()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)  # as train makes it
+    grads = torch.randn(sum(p.numel() for p in model.parameters()))
+    reduces = []
+    for _ in range(55):
+        cpu0, t0 = time.process_time(), time.perf_counter()
         dist.all_reduce(grads)
-    dist.barrier()
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        dist.all_reduce(grads)
-    if rank == 0:
-        wall, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-        Path(out).write_text(json.dumps([wall / calls, cpu_s / calls]))
+        reduces.append((time.process_time() - cpu0, time.perf_counter() - t0))
+    own, own_optimizer, _ = _network()
+    steps, plain = [], []
+    for _ in range(7):
+        steps.append(_step(ddp, optimizer, degrade, batch, crop))
+        plain.append(_step(own, own_optimizer, degrade, batch, crop))
+        dist.barrier()
+    if rank == 0:  # medians, leaving out the warm-up
+        medians = [
+            [statistics.median(c) for c in zip(*t[k:], strict=True)]
+            for t, k in ((reduces, 5), (steps, 1), (plain, 1))
+        ]
+        Path(out).write_text(json.dumps(medians))
     dist.destroy_process_group()
 
 
 def step_costs(args: argparse.Namespace, root: Path) -> None:
-    """What DDP adds to a step: the gradients' all-reduce, the smaller batch per rank."""
-    import torch
+    """What DDP adds to a rank's step, in CPU time: the all-reduce, DDP's hooks, the batch."""
     import torch.multiprocessing as mp
 
     from planetseg.train import _free_port
 
     torch.set_num_threads(1)
-    config = TrainConfig(out="unused")
-    net = NetConfig(1, 4, config.scale, config.width, config.depth, config.head_channels)
-    torch.manual_seed(0)
-    model = DSRLNet(net)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    degrade = Degradation(config.scale, config.psf_sigma, config.noise)
-    numel = sum(p.numel() for p in model.parameters())
-    out = root / "all_reduce.json"
-    mp.spawn(_all_reduce_rank, args=(_free_port(), numel, 50, str(out)), nprocs=2)
-    reduce_wall, reduce_cpu = json.loads(out.read_text())
-
-    def step_cpu(batch: int) -> float:
-        hr = torch.randn(batch, 1, args.crop, args.crop)
-        labels = torch.randint(0, 4, (batch, args.crop, args.crop))
-        cpu0 = time.process_time()
-        losses = dsrl_loss(model(degrade(hr)), labels, hr, LossWeights())
-        optimizer.zero_grad()
-        losses["loss"].backward()
-        optimizer.step()
-        return time.process_time() - cpu0
-
-    batches = (args.batch // 2, args.batch)
-    cpu: dict[int, list[float]] = {b: [] for b in batches}
+    half, whole = args.batch // 2, args.batch
+    out = root / "ddp_steps.json"
+    mp.spawn(_ddp_rank, args=(_free_port(), half, args.crop, str(out)), nprocs=2)
+    (reduce_cpu, reduce_wall), (ddp_cpu, ddp_wall), (pair_cpu, _) = json.loads(out.read_text())
+    model, optimizer, degrade = _network()
+    cpu: dict[int, list[float]] = {half: [], whole: []}
     for r in range(7):  # alternating; the first round is a warm-up
-        for b in batches if r % 2 else batches[::-1]:
-            cpu[b].append(step_cpu(b))
-    half, whole = (statistics.median(cpu[b][1:]) / b for b in batches)
-    step = statistics.median(cpu[batches[0]][1:])
-    print(f"\nWhat DDP adds to a step (CPU time, 1 thread; {numel} parameters):")
+        for b in (half, whole) if r % 2 else (whole, half):
+            cpu[b].append(_step(model, optimizer, degrade, b, args.crop)[0])
+    local = {b: statistics.median(v[1:]) for b, v in cpu.items()}
+    numel = sum(p.numel() for p in model.parameters())
+    print(f"\nWhat DDP adds to a rank's step (CPU time, 1 thread, batch {half} per rank):")
     print(
         f"  gloo all-reduce of the gradients ({numel * 4 / 2**20:.2f} MiB): "
-        f"{reduce_cpu * 1e3:.1f} ms CPU = {reduce_cpu / step:.1%} of a rank's step "
-        f"({step * 1e3:.0f} ms CPU), {reduce_wall * 1e3:.1f} ms wall"
+        f"{reduce_cpu * 1e3:.1f} ms CPU ({reduce_wall * 1e3:.1f} ms wall)"
     )
     print(
-        f"  CPU per sample: batch {batches[0]} {half * 1e3:.0f} ms, batch {batches[1]} "
-        f"{whole * 1e3:.0f} ms (per-rank batch costs {half / whole - 1:+.0%})"
+        f"  step: {local[half] * 1e3:.0f} ms CPU alone, {pair_cpu * 1e3:.0f} ms with another "
+        f"process stepping at once ({pair_cpu / local[half] - 1:+.0%}: the machine), "
+        f"{ddp_cpu * 1e3:.0f} ms under DDP ({ddp_cpu / pair_cpu - 1:+.0%}: DDP); "
+        f"{ddp_wall * 1e3:.0f} ms wall under DDP"
+    )
+    print(
+        f"  CPU per sample: batch {half} {local[half] / half * 1e3:.0f} ms, batch {whole} "
+        f"{local[whole] / whole * 1e3:.0f} ms (the per-rank batch costs "
+        f"{local[half] / half / (local[whole] / whole) - 1:+.0%})"
     )
 
 
