@@ -555,6 +555,23 @@ def train(
             rich_help_panel=PROCESSES,
         ),
     ] = 2,
+    amp: Annotated[
+        str,
+        typer.Option(
+            metavar="off|bf16|fp16|auto",
+            help="Mixed precision of the training step: bf16 (GPU with bf16, any CPU), fp16 "
+            "(GPU), auto (what the device computes natively), off.",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = "off",
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last",
+            help="Channels-last memory format (faster convolutions on GPUs and oneDNN).",
+            rich_help_panel=PROCESSES,
+        ),
+    ] = False,
 ) -> None:
     """Train the DSRL network on cubes (torch DDP) and export the segmentation model."""
     from planetseg.config import TrainConfig
@@ -582,6 +599,8 @@ def train(
         nproc=nproc,
         threads=torch_threads,
         loader_workers=loader_workers,
+        amp=amp,
+        channels_last=channels_last,
         seed=seed,
         val_every=val_every,
         checkpoint_every=checkpoint_every,

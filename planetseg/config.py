@@ -26,6 +26,8 @@ CLASS_WEIGHTS = ("balanced", "sqrt", "none")
 LOSSES = ("ce", "ce+dice")
 #: Values of ``--augment``.
 AUGMENTS = ("none", "photometric")
+#: Values of ``--amp``: mixed precision of the training step.
+AMPS = ("off", "bf16", "fp16", "auto")
 #: Output/input resolution ratios the network supports (1: the HR-input baseline).
 SCALES = (1, 2, 4)
 #: ``segment --precision``: see :mod:`planetseg.model.inference`.
@@ -420,6 +422,12 @@ class TrainConfig:
         loader_workers: DataLoader processes per rank that read the training windows from the
             cubes ahead of the step (``--loader-workers``; 0 reads them in the rank itself).
             The batches do not depend on it.
+        amp: Mixed precision of the training step's forward pass: ``off`` (float32),
+            ``bf16`` (bfloat16 autocast, on CUDA with bfloat16 support or any CPU), ``fp16``
+            (float16 autocast with gradient scaling, CUDA only), ``auto`` (bf16 on a GPU or
+            CPU with native bfloat16, fp16 on an older GPU, else off). Validation stays float32.
+        channels_last: Keep weights and activations in the channels-last memory format
+            (faster convolutions on tensor cores and oneDNN; the same function, other rounding).
         seed: Seed of weights, windows and noise.
         resume: Continue from the run directory's checkpoint.
     """
@@ -449,6 +457,8 @@ class TrainConfig:
     nproc: int = 1
     threads: int = 1
     loader_workers: int = 2
+    amp: str = "off"
+    channels_last: bool = False
     seed: int = 0
     resume: bool = False
 
@@ -507,6 +517,7 @@ class TrainConfig:
         _int_at_least(
             "--loader-workers", self.loader_workers, 0, "give 0 (read in process) or more"
         )
+        _one_of("--amp", self.amp, AMPS)
         _int_at_least("--seed", self.seed, 0, "give a seed >= 0")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,83 @@ from planetseg.data import Degradation, open_cube, spatial_split
 from planetseg.errors import CheckpointError, InvalidArgumentError
 from planetseg.export import load_model
 from planetseg.metrics import confusion_matrix, scores
-from planetseg.model import SegmentationNet, receptive_radius
+from planetseg.model import NetConfig, SegmentationNet, receptive_radius
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of :func:`predict_logits`, in LR pixels: the part it predicts, the part it reads.
+
+    Attributes:
+        y0: First row predicted.
+        y1: Row after the last predicted.
+        x0: First column predicted.
+        x1: Column after the last predicted.
+        ya: First row read (``y0`` minus the halo, clipped to the image).
+        yb: Row after the last read.
+        xa: First column read.
+        xb: Column after the last read.
+    """
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    ya: int
+    yb: int
+    xa: int
+    xb: int
+
+
+def tiles(
+    config: NetConfig, h: int, w: int, *, tile: int | None = 512, halo: int | None = None
+) -> list[Tile]:
+    """The tiles, row by row, that :func:`predict_logits` cuts an ``h`` x ``w`` LR image into.
+
+    Args:
+        config: The network's shape (its divisor and receptive radius).
+        h: LR image height.
+        w: LR image width.
+        tile: LR tile size (a multiple of the network's divisor); None for one tile.
+        halo: LR pixels of context around each tile; None for the network's receptive radius.
+    """
+    m = config.divisor
+    if tile is None:
+        tile, halo = max(h, w), 0
+    elif tile % m:
+        raise ValueError(f"tile {tile} is not a multiple of the network's divisor {m}")
+    if halo is None:
+        halo = math.ceil(receptive_radius(config) / m) * m
+    return [
+        Tile(
+            y0,
+            min(y0 + tile, h),
+            x0,
+            min(x0 + tile, w),
+            max(y0 - halo, 0),
+            min(y0 + tile + halo, h),
+            max(x0 - halo, 0),
+            min(x0 + tile + halo, w),
+        )
+        for y0 in range(0, h, tile)
+        for x0 in range(0, w, tile)
+    ]
+
+
+@torch.no_grad()
+def predict_tile(net: SegmentationNet, lr: torch.Tensor, t: Tile) -> torch.Tensor:
+    """Logits of one tile of a normalised LR image: (1, classes, s * rows, s * columns).
+
+    The tile's window (with its halo) is padded to the network's divisor by reflection and
+    the padding and the halo are cut off again, so tiles put together equal one pass.
+    """
+    s, m = net.config.scale, net.config.divisor
+    window = lr[..., t.ya : t.yb, t.xa : t.xb]
+    ph, pw = (-window.shape[-2]) % m, (-window.shape[-1]) % m
+    if ph or pw:
+        window = torch.nn.functional.pad(window, (0, pw, 0, ph), mode="reflect")
+    oy, ox = (t.y0 - t.ya) * s, (t.x0 - t.xa) * s
+    return net(window)[..., oy : oy + (t.y1 - t.y0) * s, ox : ox + (t.x1 - t.x0) * s]
 
 
 @torch.no_grad()
@@ -40,30 +117,10 @@ def predict_logits(
         (1, classes, scale*h, scale*w) logits.
     """
     s = net.config.scale
-    m = net.config.divisor
     _, _, h, w = lr.shape
-    if tile is None:
-        tile, halo = max(h, w), 0
-    elif tile % m:
-        raise ValueError(f"tile {tile} is not a multiple of the network's divisor {m}")
-    if halo is None:
-        halo = math.ceil(receptive_radius(net.config) / m) * m
     out = torch.empty((1, net.config.num_classes, h * s, w * s))
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
-            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
-            yb, xb = min(y1 + halo, h), min(x1 + halo, w)
-            # Pad the window to the network's divisor by reflection, then cut the padding off.
-            window = lr[..., ya:yb, xa:xb]
-            ph, pw = (-window.shape[-2]) % m, (-window.shape[-1]) % m
-            if ph or pw:
-                window = torch.nn.functional.pad(window, (0, pw, 0, ph), mode="reflect")
-            logits = net(window)
-            oy, ox = (y0 - ya) * s, (x0 - xa) * s
-            out[..., y0 * s : y1 * s, x0 * s : x1 * s] = logits[
-                ..., oy : oy + (y1 - y0) * s, ox : ox + (x1 - x0) * s
-            ]
+    for t in tiles(net.config, h, w, tile=tile, halo=halo):
+        out[..., t.y0 * s : t.y1 * s, t.x0 * s : t.x1 * s] = predict_tile(net, lr, t)
     return out
 
 

@@ -54,8 +54,13 @@ def export_model(
     degradation: Any,
     train_config: Any,
     metrics: dict[str, Any],
+    runtime: dict[str, Any],
 ) -> Path:
-    """Write the detached segmentation model and its card into ``out_dir``."""
+    """Write the detached segmentation model and its card into ``out_dir``.
+
+    ``runtime`` is how the training ran (device, precision, backend, world size), recorded
+    under ``training.runtime``.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -81,6 +86,7 @@ def export_model(
             "cubes": data.stores,
             "git_commit": _git_commit(),
             "config": dataclasses.asdict(train_config),
+            "runtime": runtime,
         },
         "metrics": {k: v for k, v in metrics.items() if k != "confusion"},
     }

@@ -1,6 +1,7 @@
 """The ``train`` stage: the DSRL network on a cube, with torch DDP, checkpoints and export.
 
-One process per device (gloo on CPU, NCCL on GPU). ``nproc > 1`` on one node is launched here:
+One process per device (gloo on CPU, NCCL on GPU: rank ``r`` of ``--nproc`` on ``cuda:r``, under
+torchrun ``cuda:LOCAL_RANK``). ``nproc > 1`` on one node is launched here:
 rank 0 runs in the calling process (so progress callbacks and signals need no plumbing), ranks
 1.. in processes started with ``torch.multiprocessing``. Under ``torchrun`` (``RANK``/
 ``WORLD_SIZE`` set) each process simply joins the group torchrun made, so multi-node runs work
@@ -15,7 +16,12 @@ Reproducible by construction: every rank's batch is a pure function of (seed, st
 checkpoint holds model, optimiser, scheduler, step and RNG states, so ``--resume`` continues
 exactly where the run stopped. Rank 0 writes ``metrics.jsonl`` (losses per step, per-class
 metrics per validation), ``checkpoint.pt``, and at the end the exported model
-(:mod:`planetseg.export`).
+(:mod:`planetseg.export`). Every rank validates its share of the held-out strip
+(:func:`validate`), so none waits for the others toward the collectives' timeout.
+
+``--amp`` autocasts the training step's forward pass (bf16, or fp16 with a gradient scaler);
+the losses, the optimiser and validation stay float32. Off by default: float32 results are
+exact and reproducible, which a precision chosen by the hardware would not be.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from planetseg.data import (
 )
 from planetseg.errors import CheckpointError, InvalidArgumentError, TrainingInterrupted
 from planetseg.metrics import confusion_matrix, scores
-from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss
+from planetseg.model import DSRLNet, DSRLOutput, LossWeights, NetConfig, dsrl_loss
 from planetseg.store import create_owned_dir, prepare_output
 
 logger = logging.getLogger(__name__)
@@ -93,6 +99,90 @@ def distributed_env() -> tuple[int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
+#: Autocast dtypes of ``--amp``'s precisions (``fp32``: no autocast).
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: CPU flags of native bfloat16 arithmetic (``/proc/cpuinfo``), what ``--amp auto`` looks for.
+CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def choose_device(local_rank: int, cuda_devices: int, *, processes: str) -> torch.device:
+    """One process per GPU: ``cuda:local_rank`` when the node has GPUs, else the CPU.
+
+    Args:
+        local_rank: The process's rank on its node (``LOCAL_RANK`` under torchrun).
+        cuda_devices: CUDA devices this process sees.
+        processes: How the processes were asked for, to name in the error (``--nproc 4``).
+
+    Raises:
+        InvalidArgumentError: more processes on the node than GPUs.
+    """
+    if cuda_devices == 0:
+        return torch.device("cpu")
+    if local_rank >= cuda_devices:
+        raise InvalidArgumentError(
+            f"{processes}: this node has {cuda_devices} CUDA device(s) and train runs one "
+            f"process per GPU: start at most {cuda_devices} processes per node"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def choose_backend(device: torch.device) -> str:
+    """The process group's backend for ranks on ``device``: NCCL between GPUs, else gloo."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def choose_precision(
+    amp: str, device_type: str, *, cuda_bf16: bool, cpu_flags: frozenset[str]
+) -> str:
+    """The training step's precision (``fp32``, ``bf16`` or ``fp16``) for ``--amp amp``.
+
+    Args:
+        amp: ``off``, ``bf16``, ``fp16`` or ``auto``.
+        device_type: ``cuda`` or ``cpu``.
+        cuda_bf16: Whether the GPU computes in bfloat16 (``torch.cuda.is_bf16_supported``).
+        cpu_flags: The CPU's flags (``/proc/cpuinfo``).
+
+    Raises:
+        InvalidArgumentError: fp16 on the CPU, or bf16 on a GPU without it.
+    """
+    if amp == "off":
+        return "fp32"
+    if device_type == "cuda":
+        if amp == "auto":
+            return "bf16" if cuda_bf16 else "fp16"
+        if amp == "bf16" and not cuda_bf16:
+            raise InvalidArgumentError(
+                "--amp bf16: this GPU has no bfloat16 support: use --amp fp16 (or auto)"
+            )
+        return amp
+    if amp == "fp16":
+        raise InvalidArgumentError(
+            "--amp fp16 needs a CUDA device (float16 with gradient scaling): on the CPU use "
+            "--amp bf16 or off"
+        )
+    if amp == "auto":
+        return "bf16" if cpu_flags & CPU_BF16_FLAGS else "fp32"
+    return "bf16"
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's flags (``/proc/cpuinfo``: ``avx2``, ``avx512_bf16``, ...); empty if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags known, so --amp auto stays off on the CPU
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _precision(amp: str, device_type: str) -> str:
+    """:func:`choose_precision` on this machine."""
+    cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_precision(amp, device_type, cuda_bf16=cuda_bf16, cpu_flags=cpu_flags())
+
+
 def train(
     cubes: str | Path | Sequence[str | Path], config: TrainConfig, progress: Progress | None = None
 ) -> Path:
@@ -124,6 +214,10 @@ def train(
             f"--nproc {config.nproc} under torchrun: torchrun starts the processes "
             "(--nproc-per-node), drop --nproc"
         )
+    # Fail here, in one line, before any process starts: too many processes for the GPUs, or
+    # an --amp this device cannot run.
+    device = _rank_device(config.nproc - 1, config)  # the last rank's (torchrun: this one's)
+    _precision(config.amp, device.type)
     run = Path(config.out)
     prepare_output(run, "train", inputs=tuple(paths))
     if config.resume:
@@ -309,12 +403,15 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-def _device(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def _rank_device(rank: int, config: TrainConfig) -> torch.device:
+    """The device of rank ``rank`` of ``--nproc``, or of this process under torchrun."""
+    if distributed_env():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        processes = f"LOCAL_RANK {local} (torchrun --nproc-per-node)"
+    else:
+        local, processes = rank, f"--nproc {config.nproc}"
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return choose_device(local, cuda, processes=processes)
 
 
 def _worker(
@@ -329,11 +426,14 @@ def _worker(
     """One training process (rank ``rank`` of ``world``)."""
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
-    device = _device(rank)
+    device = _rank_device(rank, config)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
         init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
-        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+        dist.init_process_group(
+            choose_backend(device), init_method=init, rank=rank, world_size=world
+        )
     try:
         train_loop(rank, world, data, config, device, progress=progress, stop=stop)
     finally:
@@ -387,7 +487,9 @@ def train_loop(
     model, net_config = _build(data, config)
     mean, std = data.stats.mean, data.stats.std
     norm = (torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
-    model.to(device)
+    precision = _precision(config.amp, device.type)
+    memory = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory)
     ddp = (
         torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -396,6 +498,8 @@ def train_loop(
         else model
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    # float16 gradients underflow without loss scaling; disabled, the scaler is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     warmup = max(1, config.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -412,6 +516,8 @@ def train_loop(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         start = int(state["step"])
         if rank == 0:
             _truncate_metrics(run / METRICS, start)
@@ -438,7 +544,7 @@ def train_loop(
         if signum:
             if rank == 0 and saved != step:
                 _save_checkpoint(
-                    run / CHECKPOINT, model, optimizer, scheduler, step, config, data.bands
+                    run / CHECKPOINT, model, optimizer, scheduler, scaler, step, config, data.bands
                 )
             if world > 1:
                 dist.barrier()  # nobody leaves before the checkpoint is on disk
@@ -458,15 +564,22 @@ def train_loop(
         if jitter is not None:
             hr = jitter(hr, gen)  # input and SR target alike: the window as another sensor saw it
         lr = degrade(hr, gen)
-        out = ddp(lr.to(device))
-        losses = dsrl_loss(
-            out, labels.to(device, torch.int64), hr.to(device), weights, class_weights
+        with torch.autocast(device.type, AUTOCAST.get(precision), enabled=precision != "fp32"):
+            out = ddp(lr.to(device, memory_format=memory))
+        losses = dsrl_loss(  # in float32 whatever the forward's precision
+            _float32(out),
+            labels.to(device, torch.int64),
+            hr.to(device),
+            weights,
+            class_weights,
         )
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         done = step + 1
+        record = None
         if log is not None:
             record = {
                 "step": done,
@@ -474,8 +587,13 @@ def train_loop(
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": config.batch_size * (done - start) / (time.perf_counter() - t0),
             }
-            if done % config.val_every == 0 or done == config.steps:
-                record["val"] = validate(model, data, norm, degrade, device)
+        if done % config.val_every == 0 or done == config.steps:
+            val = validate(
+                model, data, norm, degrade, device, seed=config.seed, rank=rank, world=world
+            )
+            if record is not None:
+                record["val"] = val
+        if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
             if progress is not None:
@@ -485,7 +603,7 @@ def train_loop(
         if done % config.checkpoint_every == 0 or done == config.steps:
             if rank == 0:
                 _save_checkpoint(
-                    run / CHECKPOINT, model, optimizer, scheduler, done, config, data.bands
+                    run / CHECKPOINT, model, optimizer, scheduler, scaler, done, config, data.bands
                 )
             saved = done
             if world > 1:
@@ -493,10 +611,10 @@ def train_loop(
     if log is not None:
         log.close()
     batches.close()
+    final = validate(model, data, norm, degrade, device, seed=config.seed, rank=rank, world=world)
     if rank == 0:
         from planetseg.export import export_model
 
-        final = validate(model, data, norm, degrade, device)
         export_model(
             model,
             net_config,
@@ -507,6 +625,12 @@ def train_loop(
             degradation=degrade,
             train_config=config,
             metrics=final,
+            runtime={
+                "device": device.type,
+                "precision": precision,
+                "backend": choose_backend(device) if world > 1 else None,
+                "world_size": world,
+            },
         )
     if world > 1:
         dist.barrier()  # under torchrun every rank's caller may read the export next
@@ -518,6 +642,7 @@ def _save_checkpoint(
     model: DSRLNet,
     optimizer: Any,
     scheduler: Any,
+    scaler: torch.amp.GradScaler,
     step: int,
     config: TrainConfig,
     bands: list[str],
@@ -533,9 +658,17 @@ def _save_checkpoint(
         "config": dataclasses.asdict(config),
         "bands": list(bands),
     }
+    if scaler.is_enabled():  # fp16: the loss scale reached is part of the state
+        state["scaler"] = scaler.state_dict()
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def _float32(out: DSRLOutput) -> DSRLOutput:
+    """The network's outputs in float32 (an autocast forward leaves some in bf16/fp16)."""
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return DSRLOutput(**{k: None if v is None else v.float() for k, v in fields.items()})
 
 
 def validate(
@@ -544,22 +677,51 @@ def validate(
     norm: tuple[torch.Tensor, torch.Tensor],
     degrade: Degradation,
     device: torch.device,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
-    """Per-class scores of ``model`` on the held-out strips (LR input, HR labels)."""
-    from planetseg.evaluate import predict_logits
+    """Per-class scores of ``model`` on the held-out strips (LR input, HR labels), all ranks.
+
+    The strip of every (cube, time step) part is cut into the tiles
+    :func:`~planetseg.evaluate.predict_logits` would use; numbered over all parts, tile ``i``
+    is scored by rank ``i % world``, and the ranks' confusion matrices are summed
+    (all-reduce). Each tile is computed exactly as in one process, so every rank returns the
+    scores a single process would, and none idles: also the degradation's noise, drawn per part
+    from ``seed``. Every rank must call this (it is a collective when ``world > 1``).
+    """
+    from planetseg.evaluate import predict_tile, tiles
 
     model.eval()
-    seg = model.seg.to("cpu")
+    if world > 1:
+        # DDP gives every forward rank 0's BatchNorm statistics, but each rank's last forward
+        # updated its own copy: score rank 0's, the weights that are checkpointed and exported.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     s = model.config.scale
     n = data.num_classes
     cm = np.zeros((n, n), np.int64)
-    for part in data.validation_parts():
+    first = 0  # number of this part's first tile
+    for k, part in enumerate(data.validation_parts()):
         image, labels = data.validation_strip(part)
-        hr = torch.from_numpy(image)
-        h, w = hr.shape[-2] - hr.shape[-2] % s, hr.shape[-1] - hr.shape[-1] % s
-        pred = predict_logits(seg, degrade((hr[..., :h, :w] - norm[0]) / norm[1])).argmax(1)
-        cm += confusion_matrix(labels[:h, :w], pred[0].numpy(), n)
-    model.to(device)
+        h, w = image.shape[-2] - image.shape[-2] % s, image.shape[-1] - image.shape[-1] % s
+        pieces = tiles(model.config, h // s, w // s)
+        mine = [piece for i, piece in enumerate(pieces, first) if i % world == rank]
+        first += len(pieces)
+        if not mine:
+            continue
+        hr = torch.from_numpy(np.ascontiguousarray(image[..., :h, :w]))
+        noise = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + k)  # fixed per part
+        lr = degrade((hr - norm[0]) / norm[1], noise).to(device)
+        for piece in mine:
+            pred = predict_tile(model.seg, lr, piece).argmax(1)[0].cpu().numpy()
+            rows, cols = slice(piece.y0 * s, piece.y1 * s), slice(piece.x0 * s, piece.x1 * s)
+            cm += confusion_matrix(labels[rows, cols], pred, n)
+    if world > 1:
+        total = torch.from_numpy(cm).to(device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        cm = total.cpu().numpy()
     return scores(cm, data.classes)
 
 

@@ -84,6 +84,7 @@ CASES = [
     (["train", "cube.zarr", "--val-every", "0"], ["--val-every 0"]),
     (["train", "cube.zarr", "--checkpoint-every", "0"], ["--checkpoint-every 0"]),
     (["train", "cube.zarr", "--seed", "-1"], ["--seed -1"]),
+    (["train", "cube.zarr", "--amp", "fp8"], ["--amp fp8", "off, bf16, fp16 or auto"]),
     (["evaluate", "model", "cube.zarr", "--region", "bogus"], ["--region bogus", "val"]),
     (["segment", "cube.zarr", "--model", "m", "--threads", "0"], ["--threads 0"]),
     (["segment", "cube.zarr", "--model", "m", "--workers", "0"], ["--workers 0"]),

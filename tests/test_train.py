@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -369,3 +370,97 @@ def test_training_on_two_cubes_of_one_body(
                       str(tmp_path / "mixed"), *args)  # fmt: skip
     assert_one_line_error(mixed, "mix bodies", "moon", "mars", str(other_cubes["mars"]))
     assert not (tmp_path / "mixed").exists()
+
+
+def test_validation_shared_by_two_ranks_equals_one_process(
+    small_cube: Path, two_process_run: Path, tmp_path: Path
+) -> None:
+    # The last validation of the --nproc 2 run, scored half by each rank and all-reduced, is
+    # the single-process evaluation of the exported weights on the held-out strip, pixel for
+    # pixel (rank 1's tiles with rank 0's BatchNorm statistics).
+    records = [json.loads(line) for line in (two_process_run / "metrics.jsonl").open()]
+    shared = records[-1]["val"]
+    out = tmp_path / "val.json"
+    proc = planetseg(
+        "evaluate", str(two_process_run / "model"), str(small_cube), "--region", "val",
+        "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    alone = json.loads(out.read_text())
+    assert shared["confusion"] == alone["confusion"]
+    assert shared["miou"] == alone["miou"]
+    assert sum(map(sum, shared["confusion"])) == 3 * 256 * 64  # 3 epochs x the 64 px strip
+    card = json.loads((two_process_run / "model" / "model.json").read_text())
+    assert card["metrics"]["miou"] == alone["miou"]
+    assert card["training"]["runtime"] == {
+        "device": "cpu", "precision": "fp32", "backend": "gloo", "world_size": 2,
+    }  # fmt: skip
+
+
+def test_device_backend_and_precision_choice() -> None:
+    from planetseg.train import choose_backend, choose_device, choose_precision
+
+    assert choose_device(3, 0, processes="--nproc 4") == torch.device("cpu")
+    assert choose_device(1, 2, processes="--nproc 2") == torch.device("cuda", 1)
+    with pytest.raises(InvalidArgumentError, match=r"--nproc 4: this node has 2 CUDA device"):
+        choose_device(3, 2, processes="--nproc 4")
+    assert choose_backend(torch.device("cuda", 1)) == "nccl"
+    assert choose_backend(torch.device("cpu")) == "gloo"
+
+    avx2 = frozenset({"avx2", "fma"})
+    avx512_bf16 = avx2 | {"avx512f", "avx512_bf16"}
+    amx = avx2 | {"amx_bf16", "amx_tile"}
+
+    def choose(amp: str, device: str, *, cuda_bf16: bool = False, flags=avx2) -> str:
+        return choose_precision(amp, device, cuda_bf16=cuda_bf16, cpu_flags=flags)
+
+    for device in ("cpu", "cuda"):
+        assert choose("off", device, cuda_bf16=True, flags=amx) == "fp32"
+    assert choose("auto", "cpu") == "fp32"  # AVX2 only: no native bfloat16
+    assert choose("auto", "cpu", flags=avx512_bf16) == "bf16"
+    assert choose("auto", "cpu", flags=amx) == "bf16"
+    assert choose("bf16", "cpu") == "bf16"  # emulated on AVX2: slow, but it works
+    with pytest.raises(InvalidArgumentError, match="--amp fp16 needs a CUDA device"):
+        choose("fp16", "cpu", flags=amx)
+    assert choose("auto", "cuda", cuda_bf16=True) == "bf16"
+    assert choose("auto", "cuda", cuda_bf16=False) == "fp16"
+    assert choose("fp16", "cuda", cuda_bf16=True) == "fp16"
+    with pytest.raises(InvalidArgumentError, match="--amp bf16: this GPU has no bfloat16"):
+        choose("bf16", "cuda", cuda_bf16=False)
+
+
+def test_bf16_autocast_on_the_cpu_trains_and_exports(small_cube: Path, tmp_path: Path) -> None:
+    runs = {}
+    for amp in ("off", "bf16"):
+        config = TrainConfig(out=str(tmp_path / amp), steps=2, amp=amp, channels_last=True, **TINY)
+        model_dir = train(small_cube, config)
+        runs[amp] = _losses(tmp_path / amp)
+        card = json.loads((model_dir / "model.json").read_text())
+        assert card["training"]["config"]["amp"] == amp
+        assert card["training"]["config"]["channels_last"] is True
+        expected = "bf16" if amp == "bf16" else "fp32"
+        assert card["training"]["runtime"]["precision"] == expected
+        net, _ = load_model(model_dir)  # float32 weights, contiguous: loads as any model
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+    # the first step starts from the same weights and batch: only the forward's precision
+    # differs, so bf16's loss is close to float32's but not equal
+    assert runs["bf16"][0] != runs["off"][0]
+    assert abs(runs["bf16"][0] - runs["off"][0]) < 0.05 * runs["off"][0]
+    assert all(math.isfinite(v) for v in runs["bf16"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_on_the_gpu_trains_with_a_loss_scale(small_cube: Path, tmp_path: Path) -> None:
+    config = TrainConfig(out=str(tmp_path / "run"), steps=4, amp="fp16", channels_last=True, **TINY)
+    card = json.loads((train(small_cube, config) / "model.json").read_text())
+    assert card["training"]["runtime"]["device"] == "cuda"
+    assert card["training"]["runtime"]["precision"] == "fp16"
+    assert "scaler" in torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on this machine's GPU")
+def test_fp16_without_a_gpu_is_one_line(small_cube: Path, tmp_path: Path) -> None:
+    proc = planetseg("train", str(small_cube), "--out", str(tmp_path / "run"), "--amp", "fp16")
+    assert_one_line_error(proc, "--amp fp16 needs a CUDA device", "--amp bf16")
+    assert proc.returncode == 2
+    assert not (tmp_path / "run").exists()  # refused before anything was written
