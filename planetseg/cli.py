@@ -787,7 +787,8 @@ OverwriteOpt = Annotated[
 BlockOpt = Annotated[
     int,
     typer.Option(
-        help="Side (px) of the blocks a task computes (whole chunks of the store).",
+        help="Side (px) of the blocks a task computes (whole chunks of the store); the "
+        "products compute on threads here unless --cluster names a cluster.",
         rich_help_panel=CLUSTER,
     ),
 ]
@@ -810,7 +811,7 @@ def diff(
     ] = 0.0,
     overwrite: OverwriteOpt = False,
     block: BlockOpt = PRODUCT_BLOCK,
-    cluster: ClusterOpt = "local",
+    cluster: ClusterOpt = "none",
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
     jobs: JobsOpt = 1,
@@ -891,7 +892,7 @@ def craters(
     ] = None,
     overwrite: OverwriteOpt = False,
     block: BlockOpt = PRODUCT_BLOCK,
-    cluster: ClusterOpt = "local",
+    cluster: ClusterOpt = "none",
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
     jobs: JobsOpt = 1,

@@ -306,7 +306,7 @@ def _write_block(
         "counts": transition_counts(codes, kept, area, n),
         "changed": int(kept.sum()),
         "km2": float(area[kept].sum()),
-        "parts": {int(ids[k]): v for k, v in parts.items()},
+        "parts": [(int(ids[k]), v) for k, v in parts.items()],  # a region may have several
         "sample": (-(-r0 // step), -(-c0 // step), before[sample], after[sample], kept[sample]),
     }
 
@@ -387,7 +387,7 @@ def _compute(
         areas[:] += r["counts"][1]
         changed[0] += r["changed"]
         changed[1] += r["km2"]
-        for k, v in r["parts"].items():
+        for k, v in r["parts"]:
             parts.setdefault(k, []).extend(v)
         i, j, b, a, c = r["sample"]
         for target, block in ((before, b), (after, a), (kept, c)):

@@ -21,6 +21,8 @@ import datetime as dt
 import json
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -82,7 +84,7 @@ class LabelsStore:
             raise CatalogReadError(
                 f"{path} is not a zarr store: give a labels store made by planetseg segment"
             )
-        ds = xr.open_zarr(path, consolidated=False)
+        ds = xr.open_zarr(path, consolidated=False, chunks=None)  # windows read without Dask
         if "labels" not in ds or "spatial_ref" not in ds.coords or "time" not in ds["labels"].dims:
             raise CatalogReadError(f"{path} has no labels(time, y, x) with a spatial_ref")
         if not ds.attrs.get("planetseg:complete"):
@@ -118,10 +120,10 @@ class LabelsStore:
 
     @cached_property
     def dataset(self) -> Any:
-        """The store as a lazy xarray Dataset (opened once)."""
+        """The store as a lazy xarray Dataset (opened once; indexing reads what it selects)."""
         import xarray as xr
 
-        return xr.open_zarr(self.path, consolidated=False)
+        return xr.open_zarr(self.path, consolidated=False, chunks=None)
 
     def read(self, t: int, name: str = "labels", window: Window | None = None) -> np.ndarray:
         """One time step of ``labels`` (uint8), ``confidence`` or ``crater_probability``.
@@ -199,13 +201,22 @@ class LabelsStore:
 
 def to_lonlat(crs_wkt: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Projected coordinates -> the same body's longitude/latitude in degrees."""
-    from pyproj import Transformer
-
-    crs = parse_crs(crs_wkt)
-    geo = crs.geodetic_crs
-    tr = Transformer.from_crs(crs, geo, always_xy=True)
-    lon, lat = tr.transform(np.asarray(x, float), np.asarray(y, float))
+    lon, lat = _projections(crs_wkt)[0].transform(np.asarray(x, float), np.asarray(y, float))
     return np.asarray(lon), np.asarray(lat)
+
+
+_local = threading.local()
+
+
+def _projections(crs_wkt: str) -> tuple[Any, Any]:
+    """The CRS -> its body's lon/lat transformer and the CRS's Proj, made once per thread."""
+    from pyproj import Proj, Transformer
+
+    made = _local.__dict__.setdefault("projections", {})
+    if crs_wkt not in made:
+        crs = parse_crs(crs_wkt)
+        made[crs_wkt] = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True), Proj(crs)
+    return made[crs_wkt]
 
 
 def pixel_area_km2(
@@ -235,8 +246,6 @@ def pixel_areas_at(
     crs_wkt: str, transform: tuple[float, ...], rows: np.ndarray, cols: np.ndarray
 ) -> np.ndarray:
     """True areas (km^2) of the pixels at integer ``rows`` and ``cols`` (broadcast together)."""
-    from pyproj import Proj
-
     crs = parse_crs(crs_wkt)
     a, _, c, _, e, f = transform
     rows, cols = np.broadcast_arrays(np.asarray(rows), np.asarray(cols))
@@ -247,7 +256,8 @@ def pixel_areas_at(
     x = c + a * (cols + 0.5)
     y = f + e * (rows + 0.5)
     lon, lat = to_lonlat(crs_wkt, x.ravel(), y.ravel())
-    scale = np.asarray(Proj(crs).get_factors(lon, lat).areal_scale).reshape(rows.shape)
+    scale = np.asarray(_projections(crs_wkt)[1].get_factors(lon, lat).areal_scale)
+    scale = scale.reshape(rows.shape)
     return abs(a * e) / scale / 1e6
 
 
@@ -497,11 +507,13 @@ def run_tasks(
     pending: dict[Any, int] = {}
     pool = ThreadPoolExecutor(os.cpu_count() or 1) if client is None else None
 
+    asked = [-math.inf, TASKS_PER_THREAD * (os.cpu_count() or 1)]
+
     def limit() -> int:
-        if client is None:
-            return TASKS_PER_THREAD * (os.cpu_count() or 1)
-        threads = sum(client.nthreads().values()) or 1
-        return TASKS_PER_THREAD * threads
+        """In flight: per thread of the cluster as it is now (asked at most once a second)."""
+        if client is not None and time.monotonic() - asked[0] > 1.0:
+            asked[:] = time.monotonic(), TASKS_PER_THREAD * (sum(client.nthreads().values()) or 1)
+        return asked[1]
 
     def finish(future: Any) -> None:
         nonlocal done
