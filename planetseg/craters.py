@@ -476,12 +476,12 @@ def _extract_blocks(
     box = np.empty((n, 4), np.int64)
     h, w = store.shape
     for k, (reduce, grow, limit) in enumerate(
-        ((np.minimum, -MARGIN, 0), (np.maximum, MARGIN, h),
-         (np.minimum, -MARGIN, 0), (np.maximum, MARGIN, w))
+        ((np.minimum, -MARGIN, h), (np.maximum, MARGIN, h),
+         (np.minimum, -MARGIN, w), (np.maximum, MARGIN, w))
     ):  # fmt: skip
         box[:, k] = np.iinfo(np.int64).max if reduce is np.minimum else 0
         reduce.at(box[:, k], objects, boxes[:, k])
-        box[:, k] = np.clip(box[:, k] + grow, 0, limit)
+        box[:, k] = np.clip(box[:, k] + grow, 0, limit)  # grown by the margin, in the grid
     first_row, first_col = np.divmod(first, w)
     blobs = np.c_[first_row, first_col, box]
     pixels = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
