@@ -444,8 +444,8 @@ def _extract_blocks(
     First pass: per block, the blobs of crater pixels, merged across block borders into
     whole blobs (first pixel and bounding box). Second pass: each blob is split and measured
     on its box grown by :data:`MARGIN` (what its separation reads), by the block holding its
-    first pixel, so it is counted once; a blob whose box is larger than a block gets a task
-    of its own that reads just its box.
+    first pixel, so it is counted once; a blob whose box is higher or wider than a block gets
+    a task of its own that reads just its box.
 
     Raises:
         InvalidArgumentError: one blob larger than a task can hold (:data:`MAX_PIXELS`).
@@ -492,8 +492,9 @@ def _extract_blocks(
             f"{first_row[k]}, column {first_col[k]}), more than one task holds "
             f"({MAX_PIXELS:,}): pick a --crater-class or --time whose craters are apart"
         )
-    block_px = (grid.rows[1] - grid.rows[0]) * (grid.cols[1] - grid.cols[0])
-    big = pixels > block_px
+    # A box higher or wider than a block gets a task of its own; the others are measured by the
+    # block of their first pixel, in one window of at most 3 x 3 blocks.
+    big = (box[:, 1] - box[:, 0] > grid.rows[1]) | (box[:, 3] - box[:, 2] > grid.cols[1])
     owner_i, owner_j = grid.block_of(first_row, first_col)
     owner = owner_i * grid.shape[1] + owner_j
     tasks = [blobs[[k]] for k in np.flatnonzero(big)]

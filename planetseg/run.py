@@ -302,7 +302,8 @@ def _time_units(flow: Workflow, ledger: Ledger, cube: Path, retry: bool) -> dict
                 )  # fmt: skip
             )
     if flow.craters is not None:
-        settings = _settings(flow.craters, "reference", "overwrite")
+        # --block changes how the catalog is computed, not what it holds
+        settings = _settings(flow.craters, "reference", "overwrite", "block")
         ref = _file_digest(flow.craters.reference)
         for n in range(len(plan.times)):
             unit = names[n]
