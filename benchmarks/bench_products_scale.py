@@ -4,7 +4,8 @@ Generates two labels stores of ``segment``'s layout (labels of three classes, qu
 confidence and crater probability, two epochs; craters of 2-20 px radius, touching ones among
 them, blobs of change), one of ``--size`` px square and one 4x wider and higher, chunk by
 chunk (the generator holds one chunk at a time). Each store is then computed in a fresh
-process on a fresh 2-worker LocalCluster (1 thread each): ``diff`` (with the confidence and
+process on a fresh 2-worker LocalCluster (1 thread each), after a run on a one-chunk scene
+that pays what a process pays once (imports, PROJ's database): ``diff`` (with the confidence and
 area filters) and ``craters`` (with a craterstats count), timed, with the workers' and the
 driver's peak RSS (``ru_maxrss`` of each process). Printed: both runs, the ratios large/small
 and the CPU. Goals (issue 13): worker peak RSS ratio <= 1.2, time ratio ~16.
@@ -15,7 +16,6 @@ and the CPU. Goals (issue 13): worker peak RSS ratio <= 1.2, time ratio ~16.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import resource
 import subprocess
@@ -113,13 +113,35 @@ def generate(path: Path, size: int) -> Path:
     return path
 
 
-def measure(store: Path, block: int, out: Path) -> dict[str, float]:
-    """diff + craters of ``store`` on a fresh 2-worker cluster; times and peak RSS (bytes)."""
-    from distributed import Client, LocalCluster
-
+def run(store: Path, block: int, out: Path, client: object) -> tuple[int, int, float]:
+    """diff + craters of ``store``: changed pixels, craters, and when diff ended."""
     from planetseg.config import CratersConfig, DiffConfig
     from planetseg.craters import craters
     from planetseg.diff import diff
+
+    changed = diff(
+        store,
+        DiffConfig(
+            out=str(out / "change"), before="0", after="1", min_confidence=0.6,
+            min_area_m2=2e5, block=block,
+        ),
+        client=client,
+    ).changed_pixels  # fmt: skip
+    t1 = time.perf_counter()
+    found = craters(
+        store,
+        CratersConfig(
+            out=str(out / "craters.parquet"), times=("0",), block=block,
+            craterstats=str(out / "craters.scc"),
+        ),
+        client=client,
+    ).table  # fmt: skip
+    return changed, len(found), t1
+
+
+def measure(store: Path, block: int, out: Path) -> dict[str, float]:
+    """diff + craters of ``store`` on a fresh 2-worker cluster; times and peak RSS (bytes)."""
+    from distributed import Client, LocalCluster
 
     def peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -130,30 +152,13 @@ def measure(store: Path, block: int, out: Path) -> dict[str, float]:
         ) as cluster,
         Client(cluster) as client,
     ):
-        # Imports are paid once per process, whatever the scene: not timed, on either side.
-        warm = ("planetseg.diff", "planetseg.craters", "skimage.segmentation", "rasterio.features")
-        client.run(lambda: [importlib.import_module(m) for m in warm] and None)
-        for name in (*warm, "geopandas", "matplotlib.pyplot", "planetseg.cog"):
-            importlib.import_module(name)
+        # What a process pays once (imports, the PROJ database, first reads), whatever the
+        # scene: paid before the clock starts, on both sides alike, on a one-chunk scene.
+        (out / "warm").mkdir()
+        run(generate(out / "warm.zarr", CHUNK), block, out / "warm", client)
         start_rss = max(client.run(peak).values())
         t0 = time.perf_counter()
-        changed = diff(
-            store,
-            DiffConfig(
-                out=str(out / "change"), before="0", after="1", min_confidence=0.6,
-                min_area_m2=2e5, block=block,
-            ),
-            client=client,
-        ).changed_pixels  # fmt: skip
-        t1 = time.perf_counter()
-        found = craters(
-            store,
-            CratersConfig(
-                out=str(out / "craters.parquet"), times=("0",), block=block,
-                craterstats=str(out / "craters.scc"),
-            ),
-            client=client,
-        ).table  # fmt: skip
+        changed, found, t1 = run(store, block, out, client)
         t2 = time.perf_counter()
         workers = max(client.run(peak).values())
     return {
@@ -163,7 +168,7 @@ def measure(store: Path, block: int, out: Path) -> dict[str, float]:
         "worker_start": start_rss,
         "driver_peak": peak(),
         "changed_px": changed,
-        "craters": len(found),
+        "craters": found,
     }
 
 
