@@ -25,7 +25,7 @@ from planetseg.craters import craters, extract
 from planetseg.diff import change_mask, diff, region_polygon, region_polygons, transition_table
 from planetseg.labels import CraterCatalog, rasterize_craters
 from planetseg.products import LabelsStore
-from tests.test_cli import planetseg
+from tests.test_cli import assert_one_line_error, planetseg
 from tests.test_craters import CRS, NODATA_ROWS, SIZE, TRANSFORM, _catalog, _write_store
 
 
@@ -286,3 +286,15 @@ def test_cli_computes_on_a_cluster_of_its_own(
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "changed:" in ok.stdout
+
+
+def test_a_block_of_0_px_is_refused_in_one_line(
+    change_stores: dict[str, tuple[Path, int]], tmp_path: Path
+) -> None:
+    store, _ = change_stores["odd"]
+    for args in (
+        ["diff", str(store), "--before", "0", "--after", "1", "--out", str(tmp_path / "d")],
+        ["craters", str(store), "--out", str(tmp_path / "c.csv")],
+    ):
+        assert_one_line_error(planetseg(*args, "--block", "0"), "--block 0", ">= 1 px")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c.csv").exists()
