@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planetseg import __version__
+from planetseg.config import PRODUCT_BLOCK
 from planetseg.errors import (
     CatalogReadError,
     InvalidArgumentError,
@@ -825,6 +826,14 @@ OverwriteOpt = Annotated[
     bool,
     typer.Option(help="Replace this command's own earlier output at --out (nothing else)."),
 ]
+BlockOpt = Annotated[
+    int,
+    typer.Option(
+        help="Side (px) of the blocks a task computes (whole chunks of the store); the "
+        "products compute on threads here unless --cluster names a cluster.",
+        rich_help_panel=CLUSTER,
+    ),
+]
 
 
 @app.command()
@@ -843,23 +852,31 @@ def diff(
         float, typer.Option(help="Ignore change regions smaller than this (m^2 on the body).")
     ] = 0.0,
     overwrite: OverwriteOpt = False,
+    block: BlockOpt = PRODUCT_BLOCK,
+    cluster: ClusterOpt = "none",
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    jobs: JobsOpt = 1,
+    cluster_config: ClusterFileOpt = None,
+    host: HostOpt = "127.0.0.1",
 ) -> None:
     """Change between two epochs: from->to codes, mask, transition table, polygons, quick look."""
     from planetseg.config import DiffConfig
     from planetseg.diff import diff as run_diff
 
-    result = run_diff(
-        labels,
-        DiffConfig(
-            out=str(out_dir),
-            before=before,
-            after=after,
-            other=str(other) if other else None,
-            min_confidence=min_confidence,
-            min_area_m2=min_area,
-            overwrite=overwrite,
-        ),
+    config = DiffConfig(
+        out=str(out_dir),
+        before=before,
+        after=after,
+        other=str(other) if other else None,
+        min_confidence=min_confidence,
+        min_area_m2=min_area,
+        overwrite=overwrite,
+        block=block,
     )
+    computing = _cluster(cluster, workers, threads, jobs, cluster_config, host)
+    with _computing("blocks", computing) as (client, update):
+        result = run_diff(labels, config, client=client, progress=update)
     _print_diff(result)
 
 
@@ -916,25 +933,33 @@ def craters(
         typer.Option(help="Also write the count with its area for craterstats (.scc)."),
     ] = None,
     overwrite: OverwriteOpt = False,
+    block: BlockOpt = PRODUCT_BLOCK,
+    cluster: ClusterOpt = "none",
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    jobs: JobsOpt = 1,
+    cluster_config: ClusterFileOpt = None,
+    host: HostOpt = "127.0.0.1",
 ) -> None:
     """Extract individual craters (lon, lat, diameter_km, class, confidence, epoch)."""
     from planetseg.config import CratersConfig
     from planetseg.craters import craters as run_craters
 
-    result = run_craters(
-        labels,
-        CratersConfig(
-            out=str(out_path),
-            times=tuple(time or ()),
-            crater_classes=tuple(crater_class or ()),
-            min_diameter_px=min_diameter,
-            min_confidence=min_confidence,
-            reference=str(reference) if reference else None,
-            reference_min_km=reference_min_km,
-            craterstats=str(craterstats) if craterstats else None,
-            overwrite=overwrite,
-        ),
+    config = CratersConfig(
+        out=str(out_path),
+        times=tuple(time or ()),
+        crater_classes=tuple(crater_class or ()),
+        min_diameter_px=min_diameter,
+        min_confidence=min_confidence,
+        reference=str(reference) if reference else None,
+        reference_min_km=reference_min_km,
+        craterstats=str(craterstats) if craterstats else None,
+        overwrite=overwrite,
+        block=block,
     )
+    computing = _cluster(cluster, workers, threads, jobs, cluster_config, host)
+    with _computing("blocks", computing) as (client, update):
+        result = run_craters(labels, config, client=client, progress=update)
     _print_craters(result)
 
 

@@ -35,6 +35,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Largest ``--tile``: beyond it a tile is no longer a unit of work (see also the memory check
 #: of :func:`planetseg.ingest.check_memory`).
 MAX_TILE = 8192
+#: Default side (px) of the blocks ``diff`` and ``craters`` compute at once.
+PRODUCT_BLOCK = 2048
 
 
 def _is_int(value: object) -> bool:
@@ -322,6 +324,8 @@ class DiffConfig:
         min_confidence: Ignore changes where either epoch's confidence is below this (0..1).
         min_area_m2: Ignore change regions smaller than this many square metres on the body.
         overwrite: Replace an earlier diff's output folder (never anything else).
+        block: Side (px) of the blocks computed at once (rounded up to whole chunks of the
+            labels store): a task's memory, whatever the scene's size.
     """
 
     out: str
@@ -331,8 +335,10 @@ class DiffConfig:
     min_confidence: float = 0.0
     min_area_m2: float = 0.0
     overwrite: bool = False
+    block: int = PRODUCT_BLOCK
 
     def __post_init__(self) -> None:
+        _require(self.block >= 1, "--block", self.block, "give a block side >= 1 px")
         _number_in(
             "--min-confidence", self.min_confidence, "give a confidence in 0..1", low=0, high=1
         )
@@ -358,6 +364,8 @@ class CratersConfig:
         craterstats: Also write the catalog with its counting area as a craterstats ``.scc``
             file here (one time step).
         overwrite: Replace an earlier craters catalog at ``out`` (never anything else).
+        block: Side (px) of the blocks computed at once (rounded up to whole chunks of the
+            labels store); a crater larger than a block is measured whole, in a task of its own.
     """
 
     out: str
@@ -369,8 +377,10 @@ class CratersConfig:
     reference_min_km: float = 0.0
     craterstats: str | None = None
     overwrite: bool = False
+    block: int = PRODUCT_BLOCK
 
     def __post_init__(self) -> None:
+        _require(self.block >= 1, "--block", self.block, "give a block side >= 1 px")
         _number_in("--min-diameter", self.min_diameter_px, "give a diameter >= 0 px", low=0)
         _number_in(
             "--min-confidence", self.min_confidence, "give a probability in 0..1", low=0, high=1

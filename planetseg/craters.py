@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,16 @@ import pandas as pd
 from planetseg.config import CratersConfig
 from planetseg.errors import InvalidArgumentError
 from planetseg.labels import read_crater_catalog
-from planetseg.products import LabelsStore
+from planetseg.products import (
+    MAX_PIXELS,
+    LabelsStore,
+    Window,
+    block_edges,
+    merge_labels,
+    open_labels,
+    regions,
+    run_tasks,
+)
 from planetseg.segment import CRATER_PROBABILITY, CRATER_PROBABILITY_ATTR, is_crater_class
 from planetseg.store import prepare_output
 
@@ -68,6 +78,9 @@ MIN_PEAK_DISTANCE = 3
 PEAK_FLOOR = {"distance": 1.0, "combined": 0.5, "probability": PROBABILITY_THRESHOLD}
 #: Gaussian sigma (px) of the probability smoothing before it is used as a surface.
 SMOOTHING_PX = 1.0
+#: Pixels around a blob that its separation reads: the distance transform's nearest
+#: background (1 px) and the reach of the smoothing (scipy's 4 sigma).
+MARGIN = 1 + int(4 * SMOOTHING_PX + 0.5)
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,15 @@ def crater_values(store: LabelsStore, names: tuple[str, ...]) -> dict[int, str]:
     return found
 
 
+def crater_mask(
+    labels: np.ndarray, values: dict[int, str], probability: np.ndarray | None
+) -> np.ndarray:
+    """The crater pixels: probability >= :data:`PROBABILITY_THRESHOLD`, or a crater class."""
+    if probability is None:
+        return np.isin(labels, list(values))
+    return np.nan_to_num(probability, nan=0.0) >= PROBABILITY_THRESHOLD
+
+
 def extract(
     labels: np.ndarray,
     confidence: np.ndarray,
@@ -124,6 +146,8 @@ def extract(
     min_diameter_px: float = 3.0,
     min_confidence: float = 0.0,
     separation: str = SEPARATION,
+    within: np.ndarray | None = None,
+    offset: tuple[int, int] = (0, 0),
 ) -> pd.DataFrame:
     """Individual craters of one labels grid, in pixel units (``row``, ``col``, ``area_px``...).
 
@@ -137,23 +161,25 @@ def extract(
         min_confidence: Drop craters whose mean probability (or, without it, confidence) is
             below this.
         separation: How touching craters are split (see :data:`SEPARATIONS`).
+        within: Only the crater pixels marked here (one blob of a larger grid), or None.
+        offset: The (row, column) of the arrays' first pixel in the grid: positions are the
+            grid's.
 
     Returns:
-        One row per crater; ``confidence`` is its mean crater probability (mean confidence
-        without one).
+        One row per crater, in raster order of their first pixels (``_first_row``,
+        ``_first_col``); ``confidence`` is its mean crater probability (mean confidence
+        without one); ``_coords`` its pixels in the arrays given.
     """
     from skimage.measure import regionprops
 
     if separation not in SEPARATIONS:
         raise InvalidArgumentError(f"separation {separation!r} is not one of {SEPARATIONS}")
-    if probability is None:
-        mask = np.isin(labels, list(values))
-        score_map = confidence
-    else:
-        mask = np.nan_to_num(probability, nan=0.0) >= PROBABILITY_THRESHOLD
-        score_map = probability
+    mask = crater_mask(labels, values, probability)
+    score_map = confidence if probability is None else probability
+    if within is not None:
+        mask &= within
     if not mask.any():
-        return pd.DataFrame(columns=["row", "col", "area_px", "label"])
+        return pd.DataFrame(columns=["row", "col", "area_px", "label", "_first_row", "_first_col"])
     regions = separate(mask, probability, separation)
     rows = []
     for prop in regionprops(regions):
@@ -167,10 +193,11 @@ def extract(
             continue
         counts = np.bincount(labels[rr, cc], minlength=max(values) + 1)
         cls = max(values, key=lambda v: counts[v])
+        grid_rows, grid_cols = rr + offset[0], cc + offset[1]  # the same sums from any window
         rows.append(
             {
-                "row": prop.centroid[0],
-                "col": prop.centroid[1],
+                "row": float(grid_rows.mean()),
+                "col": float(grid_cols.mean()),
                 "area_px": int(prop.area),
                 "diameter_px": float(d_px),
                 "major_px": float(prop.axis_major_length),
@@ -179,10 +206,15 @@ def extract(
                 "label": int(prop.label),
                 "class": values[cls],
                 "confidence": mean_conf,
+                "_first_row": int(grid_rows[0]),
+                "_first_col": int(grid_cols[0]),
                 "_coords": (rr, cc),
             }
         )
-    return pd.DataFrame(rows)
+    found = pd.DataFrame(rows, columns=None if rows else ["row", "col", "area_px", "label"])
+    if found.empty:
+        return found.assign(_first_row=[], _first_col=[])
+    return found.sort_values(["_first_row", "_first_col"], ignore_index=True)
 
 
 def separate(mask: np.ndarray, probability: np.ndarray | None, separation: str) -> np.ndarray:
@@ -225,8 +257,18 @@ def separate(mask: np.ndarray, probability: np.ndarray | None, separation: str) 
     return watershed(-surface, markers, mask=mask)
 
 
-def craters(store: str | Path, config: CratersConfig) -> CratersResult:
+def craters(
+    store: str | Path,
+    config: CratersConfig,
+    *,
+    client: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CratersResult:
     """Extract the craters of every selected time step of ``store`` into ``config.out``.
+
+    Computed block by block (``config.block``; see :func:`_extract_blocks`) on ``client``'s
+    workers, or on threads here without one: the craters equal those :func:`extract` finds
+    on the whole grid in memory, with the same true areas.
 
     Raises:
         CatalogReadError: not a complete labels store; an unreadable reference.
@@ -263,32 +305,23 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
             f"{labels.path} has {len(times)} time steps selected: pick one with --time"
         )
     source = _source(labels, values)
-    area = labels.pixel_area_km2()
-    nominal_px_km = math.sqrt(float(np.median(area)))
+    nominal_px_km = labels.nominal_pixel_km()
     frames, counted_km2 = [], 0.0
     for t in times:
-        confidence = labels.read(t, "confidence")
-        if count_file:  # one time step (checked above): the area of the pixels segment wrote
-            counted_km2 = float(area[np.isfinite(confidence)].sum())
-        probability = labels.read(t, source) if source == CRATER_PROBABILITY else None
-        found = extract(
-            labels.read(t),
-            confidence,
-            values,
-            probability=probability,
-            min_diameter_px=config.min_diameter_px,
-            min_confidence=config.min_confidence,
-        )
+        found, counted = _extract_blocks(
+            labels, t, values, source, config, count=bool(count_file), client=client,
+            progress=progress,
+        )  # fmt: skip
+        counted_km2 += counted  # one time step with a count (checked above)
         if found.empty:
             continue
         lon, lat = labels.pixel_centres_lonlat(found["row"].to_numpy(), found["col"].to_numpy())
-        true_area = np.array([area[rr, cc].sum() for rr, cc in found.pop("_coords")])
+        true_area = found["area_km2"].to_numpy()
         scale = np.sqrt(true_area / (found["area_px"].to_numpy() * 1.0))  # km per px, locally
         found = found.assign(
             lon=lon,
             lat=lat,
             diameter_km=2 * np.sqrt(true_area / math.pi),
-            area_km2=true_area,
             major_km=found["major_px"] * scale,
             minor_km=found["minor_px"] * scale,
             epoch=t,
@@ -319,6 +352,179 @@ def craters(store: str | Path, config: CratersConfig) -> CratersResult:
     count = (count_file, counted_km2) if count_file else None
     files = _write(out, table, labels, values, config, scores, count, source)
     return CratersResult(table, out, scores, files, config.reference, source)
+
+
+def _blobs(
+    path: str, t: int, window: Window, values: dict[int, str], source: str, count: bool
+) -> dict[str, Any]:
+    """First pass over a block: its crater blobs (8-connected), their first pixel and box."""
+    from scipy import ndimage
+
+    store = open_labels(path)
+    labels = store.read(t, window=window)
+    probability = store.read(t, source, window) if source == CRATER_PROBABILITY else None
+    mask = crater_mask(labels, values, probability)
+    found, n = regions(mask.view(np.uint8), mask)
+    flat = found.ravel()
+    present, first = np.unique(flat, return_index=True)
+    first = first[present > 0]
+    (r0, r1), (c0, c1) = window
+    boxes = np.array(
+        [(b[0].start, b[0].stop, b[1].start, b[1].stop) for b in ndimage.find_objects(found)],
+        dtype=np.int64,
+    ).reshape(n, 4) + np.array([r0, r0, c0, c0])
+    counted = 0.0
+    if count:  # the area of the pixels segment wrote
+        valid = np.isfinite(store.read(t, "confidence", window))
+        counted = float(store.pixel_area_km2(window)[valid].sum())
+    return {
+        "count": n,
+        "first": (r0 + first // (c1 - c0)) * store.shape[1] + c0 + first % (c1 - c0),
+        "boxes": boxes,
+        "edges": block_edges(found, mask.view(np.uint8)),
+        "counted": counted,
+    }
+
+
+def _measure(
+    path: str,
+    t: int,
+    window: Window,
+    blobs: np.ndarray,
+    values: dict[int, str],
+    source: str,
+    config: CratersConfig,
+) -> pd.DataFrame:
+    """Second pass: the craters of whole blobs (rows: first row, first column, box with margin).
+
+    Each blob is split and measured on its box alone (its own pixels, the probability around
+    them): what the whole grid's :func:`extract` finds for its pixels, to the last bit.
+    """
+    from scipy import ndimage
+
+    store = open_labels(path)
+    labels = store.read(t, window=window)
+    confidence = store.read(t, "confidence", window)
+    probability = store.read(t, source, window) if source == CRATER_PROBABILITY else None
+    found, _ = ndimage.label(crater_mask(labels, values, probability), structure=np.ones((3, 3)))
+    (w0, _), (v0, _) = window
+    frames = []
+    for first_row, first_col, a0, a1, b0, b1 in blobs.tolist():
+        crop = slice(a0 - w0, a1 - w0), slice(b0 - v0, b1 - v0)
+        got = extract(
+            labels[crop],
+            confidence[crop],
+            values,
+            probability=None if probability is None else probability[crop],
+            min_diameter_px=config.min_diameter_px,
+            min_confidence=config.min_confidence,
+            within=found[crop] == found[first_row - w0, first_col - v0],
+            offset=(a0, b0),
+        )
+        if got.empty:
+            continue
+        area = store.pixel_area_km2(((a0, a1), (b0, b1)))
+        frames.append(got.assign(area_km2=[area[c].sum() for c in got.pop("_coords")]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _extract_blocks(
+    store: LabelsStore,
+    t: int,
+    values: dict[int, str],
+    source: str,
+    config: CratersConfig,
+    *,
+    count: bool,
+    client: Any,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[pd.DataFrame, float]:
+    """The craters of time step ``t`` (pixel units, true areas) and the counted area (km^2).
+
+    First pass: per block, the blobs of crater pixels, merged across block borders into
+    whole blobs (first pixel and bounding box). Second pass: each blob is split and measured
+    on its box grown by :data:`MARGIN` (what its separation reads), by the block holding its
+    first pixel, so it is counted once; a blob whose box is higher or wider than a block gets
+    a task of its own that reads just its box.
+
+    Raises:
+        InvalidArgumentError: one blob larger than a task can hold (:data:`MAX_PIXELS`).
+    """
+    grid = store.grid(config.block)
+    blocks = list(grid.blocks())
+    path = str(store.path)
+    stats: dict[tuple[int, int], dict[str, Any]] = {}
+    run_tasks(
+        client,
+        _blobs,
+        ((path, t, grid.window(*b), values, source, count) for b in blocks),
+        lambda k, r: stats.__setitem__(blocks[k], r),
+        progress,
+        len(blocks),
+    )
+    _, objects = merge_labels(
+        grid, {b: r["count"] for b, r in stats.items()}, {b: r["edges"] for b, r in stats.items()}
+    )
+    counted = sum(r["counted"] for r in stats.values())
+    if not len(objects):
+        return pd.DataFrame(), counted
+    n = int(objects.max()) + 1
+    first = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(first, objects, np.concatenate([stats[b]["first"] for b in blocks]))
+    boxes = np.concatenate([stats[b]["boxes"] for b in blocks])
+    stats.clear()
+    box = np.empty((n, 4), np.int64)
+    h, w = store.shape
+    for k, (reduce, grow, limit) in enumerate(
+        ((np.minimum, -MARGIN, h), (np.maximum, MARGIN, h),
+         (np.minimum, -MARGIN, w), (np.maximum, MARGIN, w))
+    ):  # fmt: skip
+        box[:, k] = np.iinfo(np.int64).max if reduce is np.minimum else 0
+        reduce.at(box[:, k], objects, boxes[:, k])
+        box[:, k] = np.clip(box[:, k] + grow, 0, limit)  # grown by the margin, in the grid
+    first_row, first_col = np.divmod(first, w)
+    blobs = np.c_[first_row, first_col, box]
+    pixels = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    if pixels.max() > MAX_PIXELS:
+        k = int(pixels.argmax())
+        raise InvalidArgumentError(
+            f"{store.path} has a crater blob of {pixels[k]:,} px in its box (first pixel at row "
+            f"{first_row[k]}, column {first_col[k]}), more than one task holds "
+            f"({MAX_PIXELS:,}): pick a --crater-class or --time whose craters are apart"
+        )
+    # A box higher or wider than a block gets a task of its own; the others are measured by the
+    # block of their first pixel, in one window of at most 3 x 3 blocks.
+    big = (box[:, 1] - box[:, 0] > grid.rows[1]) | (box[:, 3] - box[:, 2] > grid.cols[1])
+    owner_i, owner_j = grid.block_of(first_row, first_col)
+    owner = owner_i * grid.shape[1] + owner_j
+    tasks = [blobs[[k]] for k in np.flatnonzero(big)]
+    small = np.flatnonzero(~big)
+    order = small[np.argsort(owner[small], kind="stable")]
+    tasks += [
+        g for g in np.split(blobs[order], np.flatnonzero(np.diff(owner[order])) + 1) if len(g)
+    ]
+
+    def window(group: np.ndarray) -> Window:
+        return (
+            (int(group[:, 2].min()), int(group[:, 3].max())),
+            (int(group[:, 4].min()), int(group[:, 5].max())),
+        )
+
+    frames: list[pd.DataFrame] = []
+    run_tasks(
+        client,
+        _measure,
+        ((path, t, window(g), g, values, source, config) for g in tasks),
+        lambda _, r: frames.append(r),
+        progress,
+        len(tasks),
+    )
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(), counted
+    found = pd.concat(frames, ignore_index=True)
+    found = found.sort_values(["_first_row", "_first_col"], ignore_index=True)
+    return found.drop(columns=["_first_row", "_first_col", "label"]), counted
 
 
 def _source(store: LabelsStore, values: dict[int, str]) -> str:

@@ -302,7 +302,8 @@ def _time_units(flow: Workflow, ledger: Ledger, cube: Path, retry: bool) -> dict
                 )  # fmt: skip
             )
     if flow.craters is not None:
-        settings = _settings(flow.craters, "reference", "overwrite")
+        # --block changes how the catalog is computed, not what it holds
+        settings = _settings(flow.craters, "reference", "overwrite", "block")
         ref = _file_digest(flow.craters.reference)
         for n in range(len(plan.times)):
             unit = names[n]
@@ -617,7 +618,7 @@ def _run_diff(state: _Run, unit: Unit, cube: Path) -> None:
         min_area_m2=flow.diff.min_area_m2,
         overwrite=True,
     )
-    diff(output_of(flow, "segment", unit.args["before"]), config)
+    diff(output_of(flow, "segment", unit.args["before"]), config, client=state.client)
 
 
 def _run_craters(state: _Run, unit: Unit, cube: Path) -> None:
@@ -629,7 +630,7 @@ def _run_craters(state: _Run, unit: Unit, cube: Path) -> None:
     create_owned_dir(out.parent, "run")
     count = str(out.with_suffix(".scc")) if flow.craters.craterstats else None
     config = replace(flow.craters, out=str(out), craterstats=count, overwrite=True)
-    craters(output_of(flow, "segment", unit.unit), config)
+    craters(output_of(flow, "segment", unit.unit), config, client=state.client)
 
 
 _RUNNERS = {"segment": _run_segment, "diff": _run_diff, "craters": _run_craters}

@@ -56,20 +56,34 @@ def _catalog() -> pd.DataFrame:
 
 
 def _write_store(
-    path: Path, labels: np.ndarray, probability: np.ndarray | None, times: int = 1
+    path: Path,
+    labels: np.ndarray,
+    probability: np.ndarray | None,
+    times: int = 1,
+    *,
+    confidence: np.ndarray | None = None,
+    chunks: tuple[int, int] | None = None,
 ) -> Path:
-    """A labels store of segment's layout (quantised confidence and crater probability)."""
+    """A labels store of segment's layout (quantised confidence and crater probability).
+
+    ``labels`` (and ``confidence``, default 1) are of one time step, repeated ``times``
+    times, or of every time step (3-D); ``chunks`` the (y, x) chunks of every array.
+    """
     import xarray as xr
 
-    confidence = np.ones(labels.shape, np.float32)
-    confidence[:NODATA_ROWS] = np.nan  # never written: the store's fill value
+    shape = labels.shape[-2:]
+    if confidence is None:
+        confidence = np.ones(labels.shape, np.float32)
+    confidence = np.array(confidence, np.float32)
+    confidence[..., :NODATA_ROWS, :] = np.nan  # never written: the store's fill value
     quantised = {
         "dtype": "uint8",
         "scale_factor": 1.0 / CONFIDENCE_STEPS,
         "add_offset": 0.0,
         "_FillValue": 255,
     }
-    stack = lambda a: np.repeat(a[None], times, axis=0)  # noqa: E731
+    stack = lambda a: a if a.ndim == 3 else np.repeat(a[None], times, axis=0)  # noqa: E731
+    times = len(stack(labels))
     data = {"labels": (("time", "y", "x"), stack(labels)), "confidence": (("time", "y", "x"),
             stack(confidence))}  # fmt: skip
     attrs = {
@@ -79,7 +93,7 @@ def _write_store(
     }
     if probability is not None:
         p = probability.astype(np.float32)
-        p[:NODATA_ROWS] = np.nan
+        p[..., :NODATA_ROWS, :] = np.nan
         data[CRATER_PROBABILITY] = (("time", "y", "x"), stack(p))
         attrs[CRATER_PROBABILITY_ATTR] = json.dumps(["crater"])
     when = np.array([f"2020-01-0{t + 1}" for t in range(times)], dtype="datetime64[ns]")
@@ -87,12 +101,16 @@ def _write_store(
         data,
         coords={
             "time": when,
-            **pixel_centres(tuple(TRANSFORM)[:6], labels.shape),
+            **pixel_centres(tuple(TRANSFORM)[:6], shape),
             "spatial_ref": xr.Variable((), np.int32(0), attrs=cf_attrs(CRS, tuple(TRANSFORM)[:6])),
         },
         attrs=attrs,
     )
     encoding = {name: dict(quantised) for name in data if name != "labels"}
+    encoding["labels"] = {}
+    if chunks:
+        for name in data:
+            encoding[name]["chunks"] = (1, *chunks)
     ds.to_zarr(str(path), mode="w", zarr_format=3, consolidated=False, encoding=encoding)
     return path
 
