@@ -45,6 +45,7 @@ import pandas as pd
 
 from planetseg.config import CratersConfig
 from planetseg.errors import InvalidArgumentError
+from planetseg.executor import map_tasks
 from planetseg.labels import read_crater_catalog
 from planetseg.products import (
     MAX_PIXELS,
@@ -54,7 +55,6 @@ from planetseg.products import (
     merge_labels,
     open_labels,
     regions,
-    run_tasks,
 )
 from planetseg.segment import CRATER_PROBABILITY, CRATER_PROBABILITY_ATTR, is_crater_class
 from planetseg.store import prepare_output
@@ -454,13 +454,13 @@ def _extract_blocks(
     blocks = list(grid.blocks())
     path = str(store.path)
     stats: dict[tuple[int, int], dict[str, Any]] = {}
-    run_tasks(
-        client,
+    map_tasks(
         _blobs,
         ((path, t, grid.window(*b), values, source, count) for b in blocks),
         lambda k, r: stats.__setitem__(blocks[k], r),
-        progress,
-        len(blocks),
+        client=client,
+        progress=progress,
+        total=len(blocks),
     )
     _, objects = merge_labels(
         grid, {b: r["count"] for b, r in stats.items()}, {b: r["edges"] for b, r in stats.items()}
@@ -511,13 +511,13 @@ def _extract_blocks(
         )
 
     frames: list[pd.DataFrame] = []
-    run_tasks(
-        client,
+    map_tasks(
         _measure,
         ((path, t, window(g), g, values, source, config) for g in tasks),
         lambda _, r: frames.append(r),
-        progress,
-        len(tasks),
+        client=client,
+        progress=progress,
+        total=len(tasks),
     )
     frames = [f for f in frames if not f.empty]
     if not frames:

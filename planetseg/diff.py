@@ -35,6 +35,7 @@ import numpy as np
 
 from planetseg.config import DiffConfig
 from planetseg.errors import InvalidArgumentError
+from planetseg.executor import map_tasks
 from planetseg.products import (
     BlockGrid,
     LabelsStore,
@@ -44,7 +45,6 @@ from planetseg.products import (
     open_labels,
     product_item,
     regions,
-    run_tasks,
     write_product_catalog,
 )
 from planetseg.store import create_owned_dir, prepare_output, remove_owned
@@ -339,13 +339,13 @@ def _compute(
     blocks = list(grid.blocks())
     total = 2 * len(blocks)
     stats: dict[tuple[int, int], dict[str, Any]] = {}
-    run_tasks(
-        client,
+    map_tasks(
         _region_stats,
         ((pair, grid.window(*b)) for b in blocks),
         lambda k, r: stats.__setitem__(blocks[k], r),
-        progress,
-        total,
+        client=client,
+        progress=progress,
+        total=total,
     )
     offsets, objects = merge_labels(
         grid, {b: r["count"] for b, r in stats.items()}, {b: r["edges"] for b, r in stats.items()}
@@ -397,7 +397,9 @@ def _compute(
         if progress:
             progress(len(blocks) + done, total)
 
-    run_tasks(client, _write_block, (task(b) for b in blocks), gather, second, total)
+    map_tasks(
+        _write_block, (task(b) for b in blocks), gather, client=client, progress=second, total=total
+    )
     polygons = []
     for k in sorted(parts, key=lambda k: obj_first[k]):  # in raster order of first pixels
         f, t = divmod(int(obj_code[k]), WIDE)

@@ -1,4 +1,6 @@
-"""One bounded task executor for the stages that write a store task by task (ingest, segment).
+"""One bounded task executor, for every stage that computes task by task.
+
+Ingest and segment write a store task by task; diff and craters compute block by block.
 
 A stage plans from metadata and exposes its work as tasks numbered ``0 .. n_tasks - 1``
 (:class:`TaskPlan`); a task is a picklable function ``run(plan, index, *args)`` that writes its
@@ -17,12 +19,16 @@ chunks, then touches its markers in the store's progress folder, and returns how
   this process are waited for, and the task's own exception is raised, so a stage's one-line
   errors stay one line. Markers are written by the tasks themselves, on success only, so what
   was done survives and a re-run resumes with the rest.
+
+:func:`map_tasks` runs the products' tasks on the same bound: each task is a function and its
+own arguments (a block's window), and each result goes to a callback as it arrives.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
 import time
 import uuid
@@ -139,11 +145,10 @@ def execute(
     Raises:
         Exception: the first failing task's exception, once the run has stopped.
     """
-    indices = iter(indices)
     bound = in_flight or InFlight(client, threads=threads)
     computed = 0
 
-    def finished(units: int) -> None:
+    def finished(_: int, units: int) -> None:
         nonlocal computed
         computed += units
         if progress:
@@ -151,24 +156,80 @@ def execute(
 
     if client is None and threads <= 1:
         for index in indices:
-            finished(run(plan, index, *args))
+            finished(index, run(plan, index, *args))
         return computed
+    jobs = ((index, run, (plan, index, *args)) for index in indices)
+    _drive(client, threads, name, bound, jobs, finished)
+    return computed
+
+
+def map_tasks(
+    fn: Callable[..., Any],
+    tasks: Iterable[tuple[Any, ...]],
+    on_result: Callable[[int, Any], None],
+    *,
+    client: Any = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    total: int = 0,
+    name: str = "block",
+) -> None:
+    """Run ``fn(*args)`` for every ``args`` of ``tasks``, a bounded number in flight at once.
+
+    Args:
+        fn: The task function (picklable, module level).
+        tasks: Each task's arguments (a generator: made as the bound lets them in).
+        on_result: Called with (the task's position in ``tasks``, its result), in the order
+            the tasks finish.
+        client: A ``distributed.Client``; None runs on ``threads`` threads of this process.
+        threads: Threads without a client (default: one per CPU).
+        progress: Called with (tasks done, ``total``) after each task.
+        total: Tasks of the whole job, for the progress.
+        name: Prefix of the tasks' Dask keys.
+
+    Raises:
+        Exception: the first failing task's exception, once the run has stopped.
+    """
+    threads = threads or os.cpu_count() or 1
+    finished = 0
+
+    def done(index: int, result: Any) -> None:
+        nonlocal finished
+        on_result(index, result)
+        finished += 1
+        if progress:
+            progress(finished, total)
+
+    jobs = ((index, fn, args) for index, args in enumerate(tasks))
+    _drive(client, threads, name, InFlight(client, threads=threads), jobs, done)
+
+
+def _drive(
+    client: Any,
+    threads: int,
+    name: str,
+    bound: InFlight,
+    jobs: Iterator[tuple[int, Callable[..., Any], tuple[Any, ...]]],
+    on_done: Callable[[int, Any], None],
+) -> None:
+    """Submit ``(index, fn, args)`` jobs while fewer than the bound run; hand results over."""
     backend = _Distributed(client, name) if client is not None else _Threads(threads)
-    running: set[Any] = set()
+    running: dict[Any, int] = {}
     try:
         while True:
             limit = bound.limit()
-            while len(running) < limit and (index := next(indices, None)) is not None:
-                running.add(backend.submit(run, plan, index, *args))
+            while len(running) < limit and (job := next(jobs, None)) is not None:
+                index, fn, args = job
+                running[backend.submit(fn, args, index)] = index
             if not running:
-                return computed
+                return
             future = backend.next_done()
-            units = future.result()  # a failed task's future stays in running: cancelled below
-            running.discard(future)
+            result = future.result()  # a failed task's future stays in running: cancelled below
+            index = running.pop(future)
             backend.release(future)
-            finished(units)
+            on_done(index, result)
     except BaseException:
-        backend.cancel(running)
+        backend.cancel(set(running))
         raise
     finally:
         backend.close()
@@ -184,8 +245,8 @@ class _Distributed:
         self.prefix = f"{name}-{uuid.uuid4().hex[:8]}"
         self.completed = as_completed()
 
-    def submit(self, run: Callable[..., int], plan: Any, index: int, *args: Any) -> Any:
-        future = self.client.submit(run, plan, index, *args, key=f"{self.prefix}-{index}")
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], index: int) -> Any:
+        future = self.client.submit(fn, *args, key=f"{self.prefix}-{index}")
         self.completed.add(future)
         return future
 
@@ -210,8 +271,8 @@ class _Threads:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
         self.completed: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
 
-    def submit(self, run: Callable[..., int], plan: Any, index: int, *args: Any) -> Any:
-        future = self.pool.submit(run, plan, index, *args)
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], index: int) -> Any:
+        future = self.pool.submit(fn, *args)
         future.add_done_callback(self.completed.put)
         return future
 

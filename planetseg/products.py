@@ -8,11 +8,12 @@ sphere) and projection: a pixel's true area is its projected area divided by the
 areal scale factor at that place (PROJ's ``get_factors``), so an equirectangular Moon pixel at
 latitude 60 deg counts half of one at the equator, on a 1737.4 km sphere, not on Earth.
 
-Both products are computed block by block (:class:`BlockGrid`, :func:`run_tasks`): each task
-reads its own window of the store, so a worker's memory is that of a block, whatever the
-scene's size. Objects that cross block borders (change regions, crater blobs) are labelled per
-block and merged across the borders (:func:`block_edges`, :func:`merge_labels`: the
-block-boundary union-find of dask-image's ``label``), so each is counted once.
+Both products are computed block by block (:class:`BlockGrid`, run by
+:func:`planetseg.executor.map_tasks`): each task reads its own window of the store, so a
+worker's memory is that of a block, whatever the scene's size. Objects that cross block
+borders (change regions, crater blobs) are labelled per block and merged across the borders
+(:func:`block_edges`, :func:`merge_labels`: the block-boundary union-find of dask-image's
+``label``), so each is counted once.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -42,8 +41,6 @@ from planetseg.store import ChunkGuard, transform_from_cf
 MAX_PIXELS = 2**30
 #: Default side (px) of the blocks products are computed in.
 BLOCK = PRODUCT_BLOCK
-#: Tasks in flight per worker thread.
-TASKS_PER_THREAD = 4
 
 Window = tuple[tuple[int, int], tuple[int, int]]
 
@@ -484,71 +481,6 @@ def regions(codes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int]:
         out[lab > 0] = lab[lab > 0] + offset
         offset += n
     return out, offset
-
-
-def run_tasks(
-    client: Any,
-    fn: Callable[..., Any],
-    tasks: Iterable[tuple[Any, ...]],
-    on_result: Callable[[int, Any], None],
-    progress: Callable[[int, int], None] | None = None,
-    total: int = 0,
-) -> None:
-    """Run ``fn(*args)`` for every ``args`` of ``tasks``, a bounded number at a time.
-
-    On the client's workers (:data:`TASKS_PER_THREAD` per worker thread in flight, as many
-    as the cluster has threads when a task is submitted), or on threads of this process
-    without a client. ``on_result(index, result)`` gets each result as it comes, in any
-    order; ``progress(done, total)`` is called after each.
-    """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    done = 0
-    pending: dict[Any, int] = {}
-    pool = ThreadPoolExecutor(os.cpu_count() or 1) if client is None else None
-
-    asked = [-math.inf, TASKS_PER_THREAD * (os.cpu_count() or 1)]
-
-    def limit() -> int:
-        """In flight: per thread of the cluster as it is now (asked at most once a second)."""
-        if client is not None and time.monotonic() - asked[0] > 1.0:
-            asked[:] = time.monotonic(), TASKS_PER_THREAD * (sum(client.nthreads().values()) or 1)
-        return asked[1]
-
-    def finish(future: Any) -> None:
-        nonlocal done
-        index = pending.pop(future)
-        on_result(index, future.result())
-        done += 1
-        if progress:
-            progress(done, total)
-
-    def settle(futures: Any) -> None:
-        if client is None:
-            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-        else:
-            from distributed import wait as dwait
-
-            finished = dwait(futures, return_when="FIRST_COMPLETED").done
-        for future in finished:
-            finish(future)
-
-    try:
-        for index, args in enumerate(tasks):
-            while len(pending) >= limit():
-                settle(list(pending))
-            if client is None:
-                future = pool.submit(fn, *args)
-            else:
-                future = client.submit(fn, *args, pure=False)
-            pending[future] = index
-        while pending:
-            settle(list(pending))
-    finally:
-        for future in pending:
-            future.cancel()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def open_labels(path: str | Path) -> LabelsStore:
