@@ -57,6 +57,7 @@ from planetseg.data import (
 from planetseg.errors import CheckpointError, InvalidArgumentError, TrainingInterrupted
 from planetseg.metrics import confusion_matrix, scores
 from planetseg.model import DSRLNet, DSRLOutput, LossWeights, NetConfig, dsrl_loss
+from planetseg.model.inference import native_bf16
 from planetseg.store import create_owned_dir, prepare_output
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,6 @@ def distributed_env() -> tuple[int, int] | None:
 
 #: Autocast dtypes of ``--amp``'s precisions (``fp32``: no autocast).
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: CPU flags of native bfloat16 arithmetic (``/proc/cpuinfo``), what ``--amp auto`` looks for.
-CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def choose_device(local_rank: int, cuda_devices: int, *, processes: str) -> torch.device:
@@ -161,24 +160,14 @@ def choose_precision(
             "--amp bf16 or off"
         )
     if amp == "auto":
-        return "bf16" if cpu_flags & CPU_BF16_FLAGS else "fp32"
+        return "bf16" if native_bf16(cpu_flags) else "fp32"
     return "bf16"
-
-
-def cpu_flags() -> frozenset[str]:
-    """This CPU's flags (``/proc/cpuinfo``: ``avx2``, ``avx512_bf16``, ...); empty if unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags known, so --amp auto stays off on the CPU
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def _precision(amp: str, device_type: str) -> str:
     """:func:`choose_precision` on this machine."""
+    from planetseg.model.inference import cpu_flags
+
     cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
     return choose_precision(amp, device_type, cuda_bf16=cuda_bf16, cpu_flags=cpu_flags())
 

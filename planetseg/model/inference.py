@@ -100,6 +100,15 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def native_bf16(flags: frozenset[str]) -> bool:
+    """Whether a CPU with ``flags`` runs bfloat16 matmuls natively and fast (AMX tiles).
+
+    avx512_bf16 alone (e.g. AMD Zen 4) measured 1.1-2x fp32 on our network, but its labels on
+    real data were not compared yet, so ``auto`` keeps fp32 there (segment and train alike).
+    """
+    return "amx_bf16" in flags
+
+
 def this_hardware() -> Hardware:
     """The hardware of this process: its GPU if torch sees one, and the CPU's flags."""
     cuda = torch.cuda.is_available()
@@ -131,7 +140,7 @@ def choose_path(precision: str, hardware: Hardware) -> InferencePath:
         if hardware.cuda:
             precision = "bf16" if hardware.cuda_bf16 else "fp16"
         else:
-            precision = "bf16" if "amx_bf16" in hardware.cpu_flags else "fp32"
+            precision = "bf16" if native_bf16(hardware.cpu_flags) else "fp32"
     return InferencePath(precision, True, device)
 
 
