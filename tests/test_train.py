@@ -291,6 +291,41 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(
     assert (run / "model" / WEIGHTS).read_bytes() == a
 
 
+def test_sigkill_of_two_ranks_and_resume_equals_uninterrupted(
+    small_cube: Path, two_process_run: Path, tmp_path: Path
+) -> None:
+    # What a scheduler does at a job's time limit or on preemption: SIGKILL to every process of
+    # the job (the parent, both ranks, their loader workers), with no chance to checkpoint.
+    run = tmp_path / "run"
+    args = ["train", str(small_cube), "--out", str(run), "--nproc", "2", *DDP_ARGS]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "planetseg.cli", *args, "--loader-workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpt = run / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 8:
+            break
+        time.sleep(0.05)
+    parent = psutil.Process(proc.pid)
+    family = [parent, *parent.children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 8 <= step < 40, "the kill must land mid-run"
+    assert not (run / "model").exists()
+    resumed = planetseg(*args, "--loader-workers", "2", "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = (two_process_run / "model" / WEIGHTS).read_bytes()
+    assert (run / "model" / WEIGHTS).read_bytes() == a
+    assert _losses(run) == _losses(two_process_run)
+
+
 # Streaming: windows read by index from one or several cubes, in DataLoader workers.
 
 
