@@ -48,6 +48,10 @@ def _conventional_metavars(ctx: Any, params: list[Any]) -> None:
             continue
         if isinstance(param, typer.core.TyperArgument):
             param.metavar = param.name.upper()
+            if param.nargs != 1:  # a repeatable argument: its element's type, not list[...]
+                element = param.display_type(ctx).removeprefix("<list[").removesuffix("]>")
+                shown = f"<{element.lower()}>..."
+                param.display_type_rich = lambda ctx, shown=shown: shown
         elif getattr(param, "is_flag", False) or getattr(param, "count", False):
             param.metavar = ""
         elif isinstance(param, typer.core.TyperOption):
