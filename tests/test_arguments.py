@@ -179,6 +179,7 @@ def test_spatial_split_takes_every_width_of_two_windows() -> None:
         spatial_split(255, 0.25, multiple=128)
 
 
+@pytest.mark.slow
 def test_a_608_px_cube_trains_with_128_px_windows(tmp_path: Path) -> None:
     world = synthesize(tmp_path / "world", config=SynthConfig(size=608, seed=2))
     cube = tmp_path / "cube.zarr"

@@ -73,6 +73,7 @@ def test_every_chunk_is_written_even_all_fill(world: dict[str, Path], tmp_path: 
         assert array.nchunks_initialized == array.nchunks, name
 
 
+@pytest.mark.slow
 def test_lost_chunk_stops_train_evaluate_and_segment(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -238,6 +238,7 @@ def test_a_labels_store_is_not_a_cube(world: dict[str, Path], labels: Path) -> N
 # --------------------------------------------------------------------------- paths
 
 
+@pytest.mark.slow
 def test_an_output_that_is_a_file_is_one_line(
     world: dict[str, Path], labels: Path, tmp_path: Path
 ) -> None:
@@ -258,6 +259,7 @@ def test_an_output_that_is_a_file_is_one_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]
 
 
+@pytest.mark.slow
 def test_evaluate_out_a_folder_or_a_user_file_is_one_line(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -105,6 +105,7 @@ def test_run_is_incremental_and_equals_the_stages_by_hand(
     assert np.array_equal(ran, xr.open_zarr(by_hand)["labels"].values)
 
 
+@pytest.mark.slow
 def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
     world: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -128,6 +129,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(
     assert record.with_suffix(".html").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_an_unreadable_item_fails_alone_and_is_retried(
     world: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -207,6 +209,7 @@ def test_a_run_killed_mid_segment_resumes_to_the_same_outputs(
             assert np.array_equal(a[name].values, b[name].values), (store.name, name)
 
 
+@pytest.mark.slow
 def test_a_new_model_resegments_every_epoch_and_rederives_the_products(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

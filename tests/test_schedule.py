@@ -281,6 +281,7 @@ def test_sbatch_schedule_is_a_pending_singleton_job_listed_and_removed(
     assert not script.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_sbatch_chain_runs_and_resubmits_after_a_failed_run(flow: Path, slurm: Any) -> None:
     proc = planetseg("schedule", str(flow), "--every", "* * * * *", "--backend", "sbatch")

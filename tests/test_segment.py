@@ -144,6 +144,7 @@ def test_kill_and_resume_computes_only_the_rest(world: dict[str, Path], referenc
     assert "0 segmented, 48 kept" in " ".join(rerun.stdout.split())
 
 
+@pytest.mark.slow
 def test_dashboard_answers_while_running(world: dict[str, Path], tmp_path: Path) -> None:
     args = [
         "segment", str(world["lr"]), "--model", str(world["model"]),

@@ -291,6 +291,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(
     assert (run / "model" / WEIGHTS).read_bytes() == a
 
 
+@pytest.mark.slow
 def test_sigkill_of_two_ranks_and_resume_equals_uninterrupted(
     small_cube: Path, two_process_run: Path, tmp_path: Path
 ) -> None:
