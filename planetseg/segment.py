@@ -128,8 +128,6 @@ class SegmentPlan:
         inference: How the network runs (an :class:`~planetseg.model.inference.InferencePath`
             as a dict: precision, memory format, device kind); empty for the fp32 reference
             path of plans recorded before it was chosen.
-        activation: Peak bytes of the network's tensors per input pixel of a window, measured
-            on the model and path (:func:`~planetseg.model.inference.activation_bytes`).
     """
 
     cube: str
@@ -150,7 +148,16 @@ class SegmentPlan:
     threads: int = 1
     net: dict[str, int] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)
-    activation: float = 0.0
+
+    @property
+    def activation(self) -> float:
+        """Peak bytes of the network's tensors per input pixel of a window, on :attr:`path`.
+
+        Measured when first asked (only ``--dry-run``'s estimate needs it), on the path the
+        tasks run: after a cluster's worker chose it, not the driver (see
+        :func:`~planetseg.model.inference.activation_bytes`).
+        """
+        return _activation_per_pixel(self.model, self.digest, self.path)
 
     @property
     def path(self) -> InferencePath:
@@ -263,14 +270,14 @@ class SegmentPlan:
     def same_work(self, other: SegmentPlan) -> bool:
         """Whether ``other`` writes exactly what this plan writes (``threads`` aside).
 
-        ``net`` is the model's (the digest already compares the model) and ``activation`` a
-        measurement, so they are not compared: stores planned before they were recorded
-        resume too. ``inference`` is: another precision or layout writes other labels.
+        ``net`` is the model's (the digest already compares the model), so it is not
+        compared: stores planned before it was recorded resume too. ``inference`` is: another
+        precision or layout writes other labels.
         """
         mine, theirs = asdict(self), asdict(other)
         mine["inference"] = self.path.to_dict()
         theirs["inference"] = other.path.to_dict()
-        for key in ("threads", "net", "activation"):
+        for key in ("threads", "net"):
             mine.pop(key, None)
             theirs.pop(key, None)
         return json.loads(json.dumps(mine)) == json.loads(json.dumps(theirs))
@@ -421,7 +428,6 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
         threads=config.threads,
         net=net.to_dict(),
         inference=path.to_dict(),
-        activation=_activation_per_pixel(str(Path(config.model).resolve()), card["digest"], path),
     )
 
 

@@ -193,7 +193,7 @@ def test_a_store_without_a_recorded_path_resumes_on_fp32(
     store = tmp_path / "old.zarr"
     shutil.copytree(fp32_labels, store)
     old = json.loads(zarr.open_group(str(store), mode="r").attrs["planetseg:segment"])
-    del old["inference"], old["activation"]
+    del old["inference"]
     set_attrs(store, **{"planetseg:segment": json.dumps(old)})
     assert SegmentPlan.from_json(json.dumps(old)).path == InferencePath()
     result = segment(world["lr"], SegmentConfig(out=str(store), model=str(world["model"])))
