@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import math
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -858,12 +859,16 @@ def _write_block(
     tile: int,
     image: np.ndarray | None,
     labels: np.ndarray | None,
+    *,
+    whole: bool = False,
 ) -> int:
-    """Write tiles out of one block read at pixel ``origin``, each followed by its marker.
+    """Write tiles out of one block read at pixel ``origin``, then mark them.
 
     Runs on a worker. The arrays are opened once per block, not once per tile; a marker is
     touched only after its tile's chunks are written, so a kill never marks a tile done early.
-    Every chunk is written, all-fill ones too, so a missing chunk is always lost data.
+    Every chunk is written, all-fill ones too, so a missing chunk is always lost data. With
+    ``whole`` (``tiles`` are all the block's) the block is written in one call, which lets zarr
+    encode and store its chunks together, and the markers follow it.
 
     Returns:
         The number of tiles written.
@@ -872,10 +877,17 @@ def _write_block(
     image_out = open_for_writing(store, "image") if image is not None else None
     labels_out = open_for_writing(store, "labels") if labels is not None else None
     marks = progress_dir(Path(store))
-    for iy, ix in tiles:
-        ys, xs = slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)
-        ly = slice(ys.start - y0, ys.stop - y0)
-        lx = slice(xs.start - x0, xs.stop - x0)
+    # Each write: the cube's rows and columns, and the tiles it completes.
+    if whole:
+        h, w = (image if image is not None else labels).shape[-2:]  # type: ignore[union-attr]
+        writes = [((slice(y0, y0 + h), slice(x0, x0 + w)), tiles)]
+    else:
+        writes = [
+            ((slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)), [(iy, ix)])
+            for iy, ix in tiles
+        ]
+    for (ys, xs), completed in writes:
+        ly, lx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
         if image_out is not None:
             image_out[t, :, ys, xs] = image[0, :, ly, lx]
         if labels_out is not None:
@@ -883,7 +895,8 @@ def _write_block(
                 labels_out[ys, xs] = labels[ly, lx]
             else:
                 labels_out[t, ys, xs] = labels[0, ly, lx]
-        (marks / tile_marker(t, iy, ix)).touch()
+        for iy, ix in completed:
+            (marks / tile_marker(t, iy, ix)).touch()
     return len(tiles)
 
 
@@ -1345,12 +1358,16 @@ class BlockSources:
             reads only the items whose footprint meets its block.
         catalog: The crater catalog the time-less labels are drawn from (None for none, or
             a polygon file, which each task reads).
+        run: This run's name: a worker thread keeps the files it reads open across the
+            run's tasks (:func:`planetseg.loaders.datasets_kept_open`), and opens them anew
+            in the next run.
     """
 
     engine: str
     steps: tuple[tuple[Item, ...], ...]
     footprints: tuple[np.ndarray, ...]
     catalog: Any = None
+    run: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def of(cls, plan: CubePlan, items: dict[str, Item], engine: str) -> BlockSources:
@@ -1413,14 +1430,16 @@ def ingest_block(tasks: BlockTasks, index: int, store: str, sources: BlockSource
     items that meet it (:meth:`Loader.read_block`), or its time-less labels drawn here, tile by
     tile. Tiles whose marker is already there (a resumed run) are neither read nor rewritten.
     """
-    from planetseg.loaders import get_loader
+    from planetseg.loaders import datasets_kept_open, get_loader
 
     plan = tasks.plan
     t, _, _ = tasks.block(index)
     marks = progress_dir(Path(store))
-    tiles = [k for k in tasks.tiles(index) if not (marks / tile_marker(t, *k)).exists()]
+    every = tasks.tiles(index)
+    tiles = [k for k in every if not (marks / tile_marker(t, *k)).exists()]
     if not tiles:
         return 0
+    whole = len(tiles) == len(every)
     ys, xs = tasks.window(index)
     origin = (ys.start, xs.start)
     if t is None:
@@ -1430,11 +1449,12 @@ def ingest_block(tasks: BlockTasks, index: int, store: str, sources: BlockSource
             tile = _static_labels_tile(plan, iy, ix, sources.catalog)
             y, x = iy * size - ys.start, ix * size - xs.start
             labels[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
-        return _write_block(store, None, origin, tiles, size, None, labels)
+        return _write_block(store, None, origin, tiles, size, None, labels, whole=whole)
     loader = get_loader(sources.engine)
-    image, labels = loader.read_block(sources.meeting(t, plan, (ys, xs)), plan, (ys, xs))
+    with datasets_kept_open(sources.run):
+        image, labels = loader.read_block(sources.meeting(t, plan, (ys, xs)), plan, (ys, xs))
     block_labels = labels[None] if labels is not None else None
-    return _write_block(store, t, origin, tiles, plan.tile, image[None], block_labels)
+    return _write_block(store, t, origin, tiles, plan.tile, image[None], block_labels, whole=whole)
 
 
 #: Tasks kept in flight per worker thread: one running, one queued behind it.

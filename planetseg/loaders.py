@@ -18,15 +18,25 @@ they give the same cube pixel for pixel.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import rasterio
-from odc.loader._rio import RioDriver, RioReader
+from odc.loader._rio import (
+    RioDriver,
+    RioReader,
+    _do_read,
+    _reproject_info_from_rio,
+    resolve_band_query,
+    rio_env,
+)
 
 from planetseg.bodies import celestial_proj
 from planetseg.errors import AssetReadError, InvalidArgumentError
@@ -36,6 +46,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from planetseg.ingest import CubePlan
+
+log = logging.getLogger(__name__)
 
 
 class Loader(Protocol):
@@ -203,8 +215,65 @@ def _odc_load(
     return _yx(ds)
 
 
+#: Datasets one thread keeps open for a run (least recently used closed first).
+MAX_OPEN = 32
+
+
+class _OpenDatasets(threading.local):
+    """This thread's open GDAL datasets, by URI, for one run (GDAL's are not thread-safe)."""
+
+    def __init__(self) -> None:
+        self.run: str | None = None
+        self.active = False
+        self.datasets: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def close(self, uri: str | None = None) -> None:
+        """Close one dataset (``uri``), or all of them."""
+        for key in [uri] if uri is not None else list(self.datasets):
+            dataset = self.datasets.pop(key, None)
+            if dataset is not None:
+                dataset.close()
+
+    def get(self, uri: str) -> Any:
+        """The open dataset of ``uri``, opened now if it is not."""
+        dataset = self.datasets.pop(uri, None)
+        if dataset is None:
+            dataset = rasterio.open(uri, "r", sharing=False)
+        self.datasets[uri] = dataset
+        while len(self.datasets) > MAX_OPEN:
+            self.datasets.popitem(last=False)[1].close()
+        return dataset
+
+
+_OPEN = _OpenDatasets()
+
+
+@contextlib.contextmanager
+def datasets_kept_open(run: str) -> Iterator[None]:
+    """Keep the datasets this thread reads open across the calls of one run.
+
+    An ingest task reads its block within this; the next task of the same ``run`` in this thread
+    reads from the same open datasets, without opening the file again (over HTTP an open is a
+    request or more for the header, and as long as the block's read itself). A new ``run`` in
+    the thread closes the previous run's, so a file replaced between runs is opened anew.
+    """
+    if _OPEN.run != run:
+        _OPEN.close()
+        _OPEN.run = run
+    _OPEN.active = True
+    try:
+        yield
+    finally:
+        _OPEN.active = False
+
+
 class NamingRioReader(RioReader):
-    """odc-loader's rasterio reader, whose read failures name the file in one line."""
+    """odc-loader's rasterio reader, whose read failures name the file in one line.
+
+    Within :func:`datasets_kept_open` it reads from the thread's open dataset of the file
+    (odc-loader's own reader opens and closes the file for every read); its read is then
+    odc-loader's, with the same pixel placement.
+    """
 
     def read(self, cfg: Any, dst_geobox: Any, **kwargs: Any) -> Any:
         """See ``RioReader.read``.
@@ -212,9 +281,20 @@ class NamingRioReader(RioReader):
         Raises:
             AssetReadError: the pixels cannot be read (a corrupt TIFF whose header opens).
         """
+        src = self._src
         try:
-            return super().read(cfg, dst_geobox, **kwargs)
+            out = None
+            if _OPEN.active and not cfg.use_overviews:
+                try:
+                    out = _read_open(_OPEN.get(src.uri), src, cfg, dst_geobox, **kwargs)
+                except rasterio.errors.RasterioError:
+                    _OPEN.close(src.uri)
+                    raise
+            return out if out is not None else super().read(cfg, dst_geobox, **kwargs)
         except rasterio.errors.RasterioError as exc:
+            if not cfg.fail_on_error:  # as odc-loader's reader: an empty read, nodata
+                log.warning("ignoring a failed read of %s: %s", src.uri, _gdal_reason(exc))
+                return np.s_[0:0, 0:0], np.ndarray((0, 0), dtype=cfg.dtype)
             error = AssetReadError(
                 f"cannot read the pixels of {self._src.uri} (band {self._src.band}): "
                 f"{_gdal_reason(exc)}; replace the file (or pass --fill-missing to fill it "
@@ -224,6 +304,23 @@ class NamingRioReader(RioReader):
         # runs on a worker, and distributed sends the chain too, where GDAL's errors do not
         # unpickle and the client would get a bare Exception instead.
         raise error
+
+
+def _read_open(
+    dataset: Any, src: Any, cfg: Any, dst_geobox: Any, *, dst: Any = None, selection: Any = None
+) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """odc-loader's full-resolution read of ``src`` into ``dst_geobox``, from an open dataset.
+
+    None for a read whose bands odc-loader lays out band-last (``y, x, band``): its own reader
+    reads that.
+    """
+    bidx = resolve_band_query(src, dataset.count, selection=selection)
+    if src.ydim != 1 and not isinstance(bidx, int):
+        return None
+    # As odc-loader: with nearest resampling a sub-pixel shift still pastes pixels as they are.
+    info = _reproject_info_from_rio(dataset, dst_geobox, ttol=0.9 if cfg.nearest else 0.05)
+    with rio_env(VSI_CACHE=False):
+        return _do_read(rasterio.band(dataset, bidx), cfg, dst_geobox, info, dst=dst)
 
 
 class NamingRioDriver(RioDriver):

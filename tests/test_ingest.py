@@ -773,6 +773,55 @@ def test_building_the_cube_reads_no_pixels_and_opens_no_files(
         assert sum(r.nbytes for r in gets) < size
 
 
+def test_a_run_opens_each_file_once_per_thread_and_the_next_run_anew(
+    synthetic_world: Any, range_server_factory, gdal_http_env, tmp_path: Path
+) -> None:
+    """A task reads from its thread's open dataset (no header fetch per block), for one run."""
+    import os
+    import shutil
+    from collections import Counter
+
+    from planetseg.loaders import datasets_kept_open
+
+    root = tmp_path / "world"
+    shutil.copytree(synthetic_world.root, root)
+    files = range_server_factory(root)
+    items = rebase_hrefs(read_items(synthetic_world.items), synthetic_world.root, files.url)
+    config = IngestConfig(out=str(tmp_path / "cube.zarr"), tile=256, read_block=256)
+    plan = plan_ingest(items, config)
+    blocks = math.prod(math.ceil(n / 256) for n in plan.shape)
+    threads = os.cpu_count() or 1
+    assert blocks > threads, "the test needs more blocks per file than threads"
+    files.reset_stats()
+    ingest(items, config)
+    headers = Counter(
+        Path(r.path).name
+        for r in files.log
+        if r.method == "GET" and (r.range or "").startswith("bytes=0-")
+    )
+    assert set(headers) == {p.name for p in synthetic_world.images}, files.log
+    # The plan's check of each asset, then one open per thread (it was one per block).
+    assert max(headers.values()) <= 1 + threads, headers
+    cube = xr.open_zarr(config.out)
+    for t, cog in enumerate(synthetic_world.images):
+        expected = read_band(cog)[native_window(cog, plan).toslices()]
+        np.testing.assert_array_equal(cube["image"].isel(time=t, band=0).values, expected)
+
+    # A file replaced between runs: the next run opens it anew, and reads the new pixels.
+    loader, window = get_loader("odc"), (slice(0, 256), slice(256, 512))
+    step = [items[1]]
+    with datasets_kept_open("run-1"):
+        before, _ = loader.read_block(step, plan, window)
+    shutil.copyfile(synthetic_world.images[2], root / synthetic_world.images[1].name)
+    with datasets_kept_open("run-2"):
+        after, _ = loader.read_block(step, plan, window)
+    third = synthetic_world.images[2]
+    np.testing.assert_array_equal(
+        after[0], read_band(third)[native_window(third, plan).toslices()][window]
+    )
+    assert not np.array_equal(before, after)
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
