@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,21 +59,62 @@ class Degradation:
     psf_sigma: float = 0.5
     noise: float = 0.0
 
+    @property
+    def radius(self) -> int:
+        """HR pixels of context the blur reads on each side of a pixel (0 without blur)."""
+        return max(1, math.ceil(3 * self.psf_sigma * self.scale)) if self.psf_sigma > 0 else 0
+
     def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, C, H, W) normalised HR -> (B, C, H / scale, W / scale) LR.
 
         ``psf_sigma = 0`` skips the blur and ``scale = 1`` the downsampling, so
         ``Degradation(1, 0.0)`` is the identity (the HR-input upper bound).
         """
+        r = self.radius
+        return self._degrade(hr, (r, r, r, r), generator)
+
+    def window(
+        self,
+        read: Callable[[slice, slice], torch.Tensor],
+        shape: tuple[int, int],
+        rows: slice,
+        columns: slice,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """LR ``rows`` x ``columns`` of the degradation of an HR image, reading only those.
+
+        What ``self(image)[..., rows, columns]`` gives (noise aside: it is drawn for the
+        window alone), for an HR image of ``shape`` (multiples of ``scale``) of which
+        ``read(rows, columns)`` returns any part, normalised: the window and the blur's
+        context, so memory follows the window, not the image.
+        """
+        s, r = self.scale, self.radius
+        h, w = shape
+        top, bottom = rows.start * s, rows.stop * s
+        left, right = columns.start * s, columns.stop * s
+        ya, yb = max(top - r, 0), min(bottom + r, h)
+        xa, xb = max(left - r, 0), min(right + r, w)
+        # Reflected where the image ends, as the whole image is padded; read context elsewhere.
+        pads = (r - (left - xa), r - (xb - right), r - (top - ya), r - (yb - bottom))
+        return self._degrade(read(slice(ya, yb), slice(xa, xb)), pads, generator)
+
+    def _degrade(
+        self, hr: torch.Tensor, pads: tuple[int, int, int, int], generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Blur, pool, add noise.
+
+        ``hr`` is padded by reflection by ``pads`` (left, right, top, bottom): the blur's
+        ``radius`` of context on each side less what ``hr`` already holds there.
+        """
         x = hr
         if self.psf_sigma > 0:
-            sigma = self.psf_sigma * self.scale
-            radius = max(1, math.ceil(3 * sigma))
+            sigma, radius = self.psf_sigma * self.scale, self.radius
             t = torch.arange(-radius, radius + 1, dtype=hr.dtype, device=hr.device)
             kernel = torch.exp(-0.5 * (t / sigma) ** 2)
             kernel = kernel / kernel.sum()
             c = hr.shape[1]
-            x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+            if any(pads):
+                x = F.pad(x, pads, mode="reflect")
             x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
             x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
         lr = F.avg_pool2d(x, self.scale) if self.scale > 1 else x
@@ -469,16 +510,30 @@ class TrainingData:
         """The validation strips, ``(cube, time step)`` each: what ranks may share out."""
         return [(c, t) for c, cube in enumerate(self.cubes) for t in range(cube.shape[0])]
 
-    def validation_strip(self, part: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """One strip of :meth:`validation_parts`: image ``(1, band, y, x)`` float32, labels.
+    def validation_shape(self, part: tuple[int, int]) -> tuple[int, int]:
+        """HR rows and columns of one strip of :meth:`validation_parts` (nothing is read)."""
+        c, _ = part
+        val = self.splits[c].val
+        return self.cubes[c].shape[-2], val.stop - val.start
 
-        NaN pixels hold the band mean (0 once normalised).
+    def validation_window(self, part: tuple[int, int], rows: slice, columns: slice) -> np.ndarray:
+        """Image ``(1, band, y, x)`` float32 of ``rows`` x ``columns`` of a validation strip.
+
+        Rows and columns are the strip's (of :meth:`validation_parts`); only the chunks they
+        touch are read. NaN pixels hold the band mean (0 once normalised).
         """
         c, t = part
-        cube, columns = self.cubes[c], self.splits[c].val
-        image = cube.read("image", (t, slice(None), slice(None), columns))
-        labels = cube.labels_at(t, slice(None), columns)
-        return self.finite(image)[None], labels.astype(self.label_dtype, copy=False)
+        start = self.splits[c].val.start
+        cols = slice(start + columns.start, start + columns.stop)
+        return self.finite(self.cubes[c].read("image", (t, slice(None), rows, cols)))[None]
+
+    def validation_labels(self, part: tuple[int, int], rows: slice, columns: slice) -> np.ndarray:
+        """Labels ``(y, x)`` of ``rows`` x ``columns`` of a strip, in :attr:`label_dtype`."""
+        c, t = part
+        start = self.splits[c].val.start
+        cols = slice(start + columns.start, start + columns.stop)
+        labels = self.cubes[c].labels_at(t, rows, cols)
+        return labels.astype(self.label_dtype, copy=False)
 
     def finite(self, image: np.ndarray) -> np.ndarray:
         """``image(band, y, x)`` as float32 with its NaN pixels set to the band means.

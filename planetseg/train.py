@@ -27,6 +27,7 @@ exact and reproducible, which a precision chosen by the hardware would not be.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -676,11 +677,13 @@ def validate(
     The strip of every (cube, time step) part is cut into the tiles
     :func:`~planetseg.evaluate.predict_logits` would use; numbered over all parts, tile ``i``
     is scored by rank ``i % world``, and the ranks' confusion matrices are summed
-    (all-reduce). Each tile is computed exactly as in one process, so every rank returns the
-    scores a single process would, and none idles: also the degradation's noise, drawn per part
-    from ``seed``. Every rank must call this (it is a collective when ``world > 1``).
+    (all-reduce). A tile reads its own window of the strip, with the blur's context
+    (:meth:`Degradation.window`), so memory follows the tile, not the strip. Each tile is
+    computed exactly as in one process, its degradation's noise too (drawn per tile from
+    ``seed``), so every rank returns the scores a single process would, and none idles. Every
+    rank must call this (it is a collective when ``world > 1``).
     """
-    from planetseg.evaluate import predict_tile, tiles
+    from planetseg.evaluate import Tile, predict_tile, tiles
 
     model.eval()
     if world > 1:
@@ -691,22 +694,32 @@ def validate(
     s = model.config.scale
     n = data.num_classes
     cm = np.zeros((n, n), np.int64)
-    first = 0  # number of this part's first tile
-    for k, part in enumerate(data.validation_parts()):
-        image, labels = data.validation_strip(part)
-        h, w = image.shape[-2] - image.shape[-2] % s, image.shape[-1] - image.shape[-1] % s
-        pieces = tiles(model.config, h // s, w // s)
-        mine = [piece for i, piece in enumerate(pieces, first) if i % world == rank]
-        first += len(pieces)
-        if not mine:
-            continue
-        hr = torch.from_numpy(np.ascontiguousarray(image[..., :h, :w]))
-        noise = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + k)  # fixed per part
-        lr = degrade((hr - norm[0]) / norm[1], noise).to(device)
-        for piece in mine:
-            pred = predict_tile(model.seg, lr, piece).argmax(1)[0].cpu().numpy()
+    numbers = itertools.count()  # of the tiles, over all parts
+    for part in data.validation_parts():
+        height, width = data.validation_shape(part)
+        h, w = height - height % s, width - width % s
+
+        def read(rows: slice, cols: slice, part: tuple[int, int] = part) -> torch.Tensor:
+            hr = torch.from_numpy(data.validation_window(part, rows, cols))
+            return (hr - norm[0]) / norm[1]
+
+        for piece in tiles(model.config, h // s, w // s):
+            i = next(numbers)
+            if i % world != rank:
+                continue
+            noise = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + i)
+            lr = degrade.window(
+                read, (h, w), slice(piece.ya, piece.yb), slice(piece.xa, piece.xb), noise
+            )
+            # The tile within its window.
+            dy, dx = piece.ya, piece.xa
+            local = Tile(
+                piece.y0 - dy, piece.y1 - dy, piece.x0 - dx, piece.x1 - dx,
+                0, piece.yb - dy, 0, piece.xb - dx,
+            )  # fmt: skip
+            pred = predict_tile(model.seg, lr.to(device), local).argmax(1)[0].cpu().numpy()
             rows, cols = slice(piece.y0 * s, piece.y1 * s), slice(piece.x0 * s, piece.x1 * s)
-            cm += confusion_matrix(labels[rows, cols], pred, n)
+            cm += confusion_matrix(data.validation_labels(part, rows, cols), pred, n)
     if world > 1:
         total = torch.from_numpy(cm).to(device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)

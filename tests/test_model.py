@@ -168,6 +168,34 @@ def test_degradation_at_scale_1_without_psf_is_the_identity() -> None:
     assert NetConfig(in_bands=1, num_classes=2, scale=1).scale == 1  # the HR-input arm
 
 
+@pytest.mark.parametrize(("scale", "sigma"), [(2, 0.5), (4, 1.0), (2, 0.0), (1, 0.7)])
+def test_a_degraded_window_equals_that_window_of_the_degraded_image(
+    scale: int, sigma: float
+) -> None:
+    from planetseg.data import Degradation
+
+    degrade = Degradation(scale, sigma)
+    h, w = 24 * scale, 40 * scale
+    image = torch.randn(1, 2, h, w, dtype=torch.float64)
+    whole = degrade(image)
+    reads = []
+
+    def read(rows: slice, cols: slice) -> torch.Tensor:
+        reads.append((rows, cols))
+        return image[..., rows, cols]
+
+    # Windows inside, on each edge and corner, one LR pixel, and the whole image.
+    for rows, cols in [
+        (slice(5, 13), slice(9, 30)), (slice(0, 7), slice(0, 11)), (slice(17, 24), slice(30, 40)),
+        (slice(0, 24), slice(13, 14)), (slice(11, 12), slice(39, 40)), (slice(0, 24), slice(0, 40)),
+    ]:  # fmt: skip
+        got = degrade.window(read, (h, w), rows, cols)
+        torch.testing.assert_close(got, whole[..., rows, cols], rtol=1e-12, atol=1e-12)
+        hr_rows, hr_cols = reads[-1]  # only the window and the blur's context were read
+        assert hr_rows.start >= rows.start * scale - degrade.radius
+        assert hr_cols.stop <= cols.stop * scale + degrade.radius
+
+
 def test_median_frequency_class_weights() -> None:
     import numpy as np
 
