@@ -8,9 +8,9 @@
    median of the samples/s rank 0 logs between the warm-up and the end of each run.
 2. **Peak memory**: ``planetseg train`` in a fresh process on that cube and on one 16x larger
    (4 x 4 copies of it side by side, written chunk by chunk), sampling the RSS of the training
-   process and of its whole process tree (loader workers included) every 0.1 s; and of the
-   streaming alone (the statistics and 20 batches, read in a fresh process), without the
-   validation, which predicts each cube's whole validation strip at once.
+   process and of its whole process tree (loader workers included) every 0.1 s, validation
+   included (one tile of a strip at a time); and of the streaming alone (the statistics and
+   20 batches, read in a fresh process).
 
     python benchmarks/bench_train_stream.py [--steps 30] [--repeats 2] [--size 1024] [--no-rss]
 """

@@ -48,6 +48,16 @@ class Tile:
     xb: int
 
 
+def halo_of(config: NetConfig) -> int:
+    """LR pixels of context a tile reads on each side (the default halo).
+
+    The network's receptive radius rounded up to its divisor: tiles put together then equal
+    one pass.
+    """
+    m = config.divisor
+    return math.ceil(receptive_radius(config) / m) * m
+
+
 def tiles(
     config: NetConfig, h: int, w: int, *, tile: int | None = 512, halo: int | None = None
 ) -> list[Tile]:
@@ -66,7 +76,7 @@ def tiles(
     elif tile % m:
         raise ValueError(f"tile {tile} is not a multiple of the network's divisor {m}")
     if halo is None:
-        halo = math.ceil(receptive_radius(config) / m) * m
+        halo = halo_of(config)
     return [
         Tile(
             y0,

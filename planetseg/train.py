@@ -515,6 +515,8 @@ def train_loop(
         data, crop=config.crop, seed=config.seed, foreground=config.foreground_windows
     )
     degrade = Degradation(config.scale, config.psf_sigma, config.noise)
+    tile = validation_tile(net_config, config.batch_size, config.crop)
+    scoring = {"tile": tile, "seed": config.seed, "rank": rank, "world": world}
     jitter = Photometric() if config.augment == "photometric" else None
     weights = LossWeights(
         config.w_sr, config.w_fa, config.fa_subsample, dice=1.0 if config.loss == "ce+dice" else 0.0
@@ -578,9 +580,7 @@ def train_loop(
                 "samples_per_s": config.batch_size * (done - start) / (time.perf_counter() - t0),
             }
         if done % config.val_every == 0 or done == config.steps:
-            val = validate(
-                model, data, norm, degrade, device, seed=config.seed, rank=rank, world=world
-            )
+            val = validate(model, data, norm, degrade, device, **scoring)
             if record is not None:
                 record["val"] = val
         if log is not None:
@@ -601,7 +601,7 @@ def train_loop(
     if log is not None:
         log.close()
     batches.close()
-    final = validate(model, data, norm, degrade, device, seed=config.seed, rank=rank, world=world)
+    final = validate(model, data, norm, degrade, device, **scoring)
     if rank == 0:
         from planetseg.export import export_model
 
@@ -661,6 +661,22 @@ def _float32(out: DSRLOutput) -> DSRLOutput:
     return DSRLOutput(**{k: None if v is None else v.float() for k, v in fields.items()})
 
 
+def validation_tile(config: Any, batch: int, crop: int) -> int:
+    """LR side of validation's tiles: their windows hold at most a training batch's pixels.
+
+    A training step runs the network forward and backward, the SR branch at HR too, on
+    ``batch`` windows of ``crop`` HR px; a validation tile runs only the segmentation forward
+    on its window (the tile and the halo on each side), on as many LR pixels at most. So
+    validation needs no more memory than a training step, whatever the size of the strips.
+    A multiple of the divisor.
+    """
+    from planetseg.evaluate import halo_of
+
+    m = config.divisor
+    side = math.isqrt(batch * (crop // config.scale) ** 2) - 2 * halo_of(config)
+    return max(m, side // m * m)
+
+
 def validate(
     model: DSRLNet,
     data: TrainingData,
@@ -668,14 +684,16 @@ def validate(
     degrade: Degradation,
     device: torch.device,
     *,
+    tile: int | None = 512,
     seed: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> dict[str, Any]:
     """Per-class scores of ``model`` on the held-out strips (LR input, HR labels), all ranks.
 
-    The strip of every (cube, time step) part is cut into the tiles
-    :func:`~planetseg.evaluate.predict_logits` would use; numbered over all parts, tile ``i``
+    The strip of every (cube, time step) part is cut into the tiles of ``tile`` LR px that
+    :func:`~planetseg.evaluate.predict_logits` would use (training passes
+    :func:`validation_tile`); numbered over all parts, tile ``i``
     is scored by rank ``i % world``, and the ranks' confusion matrices are summed
     (all-reduce). A tile reads its own window of the strip, with the blur's context
     (:meth:`Degradation.window`), so memory follows the tile, not the strip. Each tile is
@@ -703,7 +721,7 @@ def validate(
             hr = torch.from_numpy(data.validation_window(part, rows, cols))
             return (hr - norm[0]) / norm[1]
 
-        for piece in tiles(model.config, h // s, w // s):
+        for piece in tiles(model.config, h // s, w // s, tile=tile):
             i = next(numbers)
             if i % world != rank:
                 continue
