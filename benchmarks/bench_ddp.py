@@ -48,8 +48,8 @@ from planetseg.config import IngestConfig, TrainConfig  # noqa: E402
 from planetseg.data import Degradation  # noqa: E402
 from planetseg.ingest import ingest  # noqa: E402
 from planetseg.model import DSRLNet, LossWeights, NetConfig, dsrl_loss  # noqa: E402
+from planetseg.model.inference import CPU_FLAGS, cpu_flags  # noqa: E402
 from planetseg.synthetic import SynthConfig, synthesize  # noqa: E402
-from planetseg.train import CPU_BF16_FLAGS, cpu_flags  # noqa: E402
 
 
 def start(cube: Path, out: Path, nproc: int, batch: int, args: argparse.Namespace):
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    flags = sorted(f for f in cpu_flags() if f in {"avx2", "avx512f", *CPU_BF16_FLAGS})
+    flags = sorted(f for f in cpu_flags() if f in CPU_FLAGS)
     print(f"CPU: {cpu()} ({os.cpu_count()} cores; flags {' '.join(flags) or 'none'})")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     names = ["one", "ddp", "pair"]
