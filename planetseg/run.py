@@ -284,10 +284,12 @@ def _time_units(flow: Workflow, ledger: Ledger, cube: Path, retry: bool) -> dict
             Unit("segment", unit, fp, why(ledger.get("segment", unit), fp, retry), {"index": n})
         )
     if flow.diff is not None:
+        # --block changes how the map is computed, not what it holds
+        settings = _settings(flow.diff, "block")
         for n in range(1, len(plan.times)):
             first = 0 if flow.diff.compare == "baseline" else n - 1
             unit = f"{names[first]}--{names[n]}"
-            fp = digest("diff", dataclasses.asdict(flow.diff), seg_fp[first], seg_fp[n])
+            fp = digest("diff", settings, seg_fp[first], seg_fp[n])
             units["diff"].append(
                 Unit(
                     "diff",
@@ -616,6 +618,7 @@ def _run_diff(state: _Run, unit: Unit, cube: Path) -> None:
         other=str(output_of(flow, "segment", unit.args["after"])),
         min_confidence=flow.diff.min_confidence,
         min_area_m2=flow.diff.min_area_m2,
+        block=flow.diff.block,
         overwrite=True,
     )
     diff(output_of(flow, "segment", unit.args["before"]), config, client=state.client)

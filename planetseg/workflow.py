@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from planetseg.config import (
+    PRODUCT_BLOCK,
     ClusterConfig,
     CratersConfig,
     DiffConfig,
@@ -80,6 +81,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "compare": (str, False),
         "min_confidence": ((int, float), False),
         "min_area": ((int, float), False),
+        "block": (int, False),
     },
     "craters": {
         "reference": (_PATH, False),
@@ -88,6 +90,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "min_confidence": ((int, float), False),
         "crater_class": (list, False),
         "craterstats": (bool, False),
+        "block": (int, False),
     },
     "cluster": {
         "kind": (str, False),
@@ -113,11 +116,13 @@ class DiffStep:
             the first epoch).
         min_confidence: As ``diff --min-confidence``.
         min_area_m2: As ``diff --min-area``.
+        block: As ``diff --block``: how the map is computed, not what it holds.
     """
 
     compare: str = "previous"
     min_confidence: float = 0.0
     min_area_m2: float = 0.0
+    block: int = PRODUCT_BLOCK
 
 
 @dataclass(frozen=True)
@@ -378,9 +383,9 @@ class _Reader:
                 diff_node, "steps.diff", DiffConfig,
                 out=str(outputs / "change"), before="0", after="1",
                 min_confidence=_float(get(d, "min_confidence")),
-                min_area_m2=_float(get(d, "min_area")),
+                min_area_m2=_float(get(d, "min_area")), block=get(d, "block"),
             )  # fmt: skip
-            diff = DiffStep(compare, check.min_confidence, check.min_area_m2)
+            diff = DiffStep(compare, check.min_confidence, check.min_area_m2, check.block)
         craters = None
         if "craters" in steps:
             cr_node = steps["craters"][0]
@@ -394,6 +399,7 @@ class _Reader:
                 reference_min_km=_float(get(cr, "reference_min_km")),
                 crater_classes=get(cr, "crater_class"),
                 craterstats=str(outputs / "craters.scc") if get(cr, "craterstats") else None,
+                block=get(cr, "block"),
             )  # fmt: skip
         for name in ("diff", "craters"):
             if name in steps and segment is None:

@@ -84,9 +84,18 @@ def test_run_is_incremental_and_equals_the_stages_by_hand(
     assert _processed(_record(third.stdout)) == {
         s: 0 for s in ("ingest", "segment", "diff", "craters")
     }
+    # diff's and craters' block change how they compute, not what they hold: nothing re-runs.
+    text = flow.read_text().replace("  diff:\n", "  diff:\n    block: 16\n")
+    flow.write_text(text.replace("  craters:\n", "  craters:\n    block: 16\n"))
+    plan = planetseg("run", str(flow), "--plan")
+    assert plan.returncode == 0 and "nothing to do" in plan.stdout, plan.stdout
     # Only the crater settings change: only craters re-run (each with its craterstats count).
     _flow(tmp_path, world, epochs=3, min_diameter=4)
-    flow.write_text(flow.read_text().replace("  craters:\n", "  craters:\n    craterstats: true\n"))
+    flow.write_text(
+        flow.read_text().replace(
+            "  craters:\n", "  craters:\n    craterstats: true\n    block: 16\n"
+        )
+    )
     fourth = planetseg("run", str(flow))
     assert _processed(_record(fourth.stdout)) == {
         "ingest": 0, "segment": 0, "diff": 0, "craters": 3

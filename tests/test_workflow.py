@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from planetseg.config import PRODUCT_BLOCK
 from planetseg.errors import WorkflowError
 from planetseg.workflow import load_workflow, shipped_workflow
 
@@ -52,6 +53,11 @@ def test_paths_resolve_against_the_file_and_configs_are_the_stages(tmp_path: Pat
     assert flow.diff.compare == "baseline" and flow.diff.min_confidence == 0.7
     assert flow.craters.reference == str(tmp_path / "world" / "craters.csv")
     assert flow.cluster.kind == "local"
+    assert flow.diff.block == flow.craters.block == PRODUCT_BLOCK
+    path.write_text(GOOD.replace("  craters:\n", "  craters:\n    block: 512\n").replace(
+        "    compare: baseline\n", "    compare: baseline\n    block: 256\n"))  # fmt: skip
+    flow = load_workflow(path)
+    assert (flow.diff.block, flow.craters.block) == (256, 512)
 
 
 def test_a_root_moves_every_relative_path_and_the_caller_can_set_it(tmp_path: Path) -> None:
@@ -91,6 +97,7 @@ def test_the_shipped_demo_workflow_is_found_and_rooted_where_the_demo_runs(tmp_p
         ("  collections: [synthetic-moon]\n", "  bbox: 10,20\n", 1, ["catalog", "bbox"]),
         ("outputs: out\n", "outputs: out\ncluster:\n  workers: 0\n", 17, ["cluster", "--workers"]),
         ("    min_confidence: 0.7\n", "    min_confidence: 2\n", 11, ["steps.diff", "0..1"]),
+        ("    min_confidence: 0.7\n", "    block: 0\n", 11, ["steps.diff", "--block"]),
     ],
 )
 def test_bad_workflow_is_one_error_naming_file_line_and_key(
