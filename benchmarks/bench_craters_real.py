@@ -38,8 +38,11 @@ runs documented in docs/crater-recipe.md are ``--screen --scenes ctx``, ``--step
 ``--steps 300 --seeds 0 1 2`` and ``--ablation --steps 300 --seeds 0 1 2`` (one ``--work``
 folder, so the modes share cubes and runs).
 
+``--precision fp32 bf16`` segments each test part with each model on each inference path
+(``segment --precision``) and scores each, with the share of labels equal to the first path's.
+
     python benchmarks/bench_craters_real.py [--scenes ctx themis] [--steps 300] [--seeds 0]
-        [--jobs 2] [--screen] [--ablation] [--work DIR] [--out scores.json]
+        [--jobs 2] [--screen] [--ablation] [--precision P ...] [--work DIR] [--out scores.json]
 """
 
 from __future__ import annotations
@@ -245,7 +248,13 @@ def train_run(work: Path, seed: int, flags: list[str], args) -> Path:  # noqa: A
 
 
 def score_part(
-    work: Path, model: Path, part: TestPart, tag: str, limit_km: float, upsample: int = 0
+    work: Path,
+    model: Path,
+    part: TestPart,
+    tag: str,
+    limit_km: float,
+    upsample: int = 0,
+    precision: str | None = None,
 ) -> dict:
     """Segment one LR part with ``model`` and score its craters against the reference.
 
@@ -253,13 +262,14 @@ def score_part(
     (a reference crater below it is no miss, an unmatched detection below it no false
     positive); craters come from the store's crater probability. ``upsample``: resample the
     LR part this many times finer (bicubic) first, for a segmenter trained at ``--scale 1``.
+    ``precision``: segment's ``--precision`` (None: its default, ``auto``).
     """
     from planetseg.config import CratersConfig, SegmentConfig
     from planetseg.craters import craters
     from planetseg.products import LabelsStore
     from planetseg.segment import segment
 
-    out = work / "scores" / f"{tag}-{part.cube.stem}"
+    out = work / "scores" / f"{tag}-{part.cube.stem}{f'-{precision}' if precision else ''}"
     out.mkdir(parents=True, exist_ok=True)
     cube = part.cube
     if upsample:
@@ -272,7 +282,8 @@ def score_part(
     if not (labels / "zarr.json").exists():
         # In this process (as `segment --cluster none` does): 26 THEMIS tiles would otherwise
         # spend most of their time starting Python and torch.
-        segment(cube, SegmentConfig(out=str(labels), model=str(model)))
+        options = {"precision": precision} if precision else {}
+        segment(cube, SegmentConfig(out=str(labels), model=str(model), **options))
     result = craters(
         labels,
         CratersConfig(
@@ -283,7 +294,9 @@ def score_part(
         ),
     )
     reference = pd.read_csv(part.reference)
-    return {"scores": result.scores, "table": result.table, "reference": reference}
+    return {
+        "scores": result.scores, "table": result.table, "reference": reference, "labels": labels
+    }  # fmt: skip
 
 
 def _upsampled(cube: Path, out: Path, factor: int) -> Path:
@@ -349,6 +362,25 @@ def pixel_pr(labels: Path, truth: np.ndarray) -> tuple[float, float]:
     return tp / max(pred.sum(), 1), tp / max(true.sum(), 1)
 
 
+def agreement(
+    results: dict[str, list[list[dict]]], scored: dict[str, str], paths: list[str], seeds: list[int]
+) -> None:
+    """Per arm and seed, the share of output pixels whose label each path gives as the first."""
+    import xarray as xr
+
+    print(f"\nlabels equal to {paths[0]}'s (all pixels of the parts):")
+    for arm in dict.fromkeys(scored.values()):
+        for i, seed in enumerate(seeds):
+            base = results[f"{arm}, {paths[0]}"][i]
+            for path in paths[1:]:
+                same = total = 0
+                for a, b in zip(base, results[f"{arm}, {path}"][i], strict=True):
+                    la = xr.open_zarr(a["labels"])["labels"].values
+                    lb = xr.open_zarr(b["labels"])["labels"].values
+                    same, total = same + int((la == lb).sum()), total + la.size
+                print(f"  {arm}, seed {seed}: {path} {100 * same / total:.3f} %")
+
+
 def print_bins(title: str, arms: dict[str, list[dict]], limit_km: float, px_km: float) -> None:
     print(f"\n{title}")
     print(f"{'bin (px / km)':24s}" + "".join(f"{a:>26s}" for a in arms))
@@ -411,6 +443,12 @@ def main() -> None:
         choices=[2, 4],
         help="LR input this many times coarser (scale 4: CTX only)",
     )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="score each model segmented on each of these paths (default: segment's auto)",
+    )
     parser.add_argument("--work", type=Path, help="keep (and reuse) cubes and runs here")
     parser.add_argument("--out", type=Path, help="write the >= limit totals as JSON")
     args = parser.parse_args()
@@ -447,24 +485,30 @@ def main() -> None:
         if not parts_of:
             continue
         results: dict[str, list[list[dict]]] = {}
+        scored = {}  # arm as scored (with the precision) -> the arm trained
         for arm in arms:
-            for seed in args.seeds:
-                up = args.scale if args.ablation and arm == "hr" else 0
-                model = models[(arm, seed)]
-                parts = [
-                    score_part(work, model, p, model.parent.name, scene.limit_km, up)
-                    for p in parts_of
-                ]
-                results.setdefault(arm, []).append(parts)
+            for precision in args.precision or [None]:
+                name = f"{arm}, {precision}" if precision else arm
+                scored[name] = arm
+                for seed in args.seeds:
+                    up = args.scale if args.ablation and arm == "hr" else 0
+                    model = models[(arm, seed)]
+                    parts = [
+                        score_part(work, model, p, model.parent.name, scene.limit_km, up, precision)
+                        for p in parts_of
+                    ]
+                    results.setdefault(name, []).append(parts)
         where = "validation strip of the training part" if args.screen else "test part"
         for i, seed in enumerate(args.seeds):
             print_bins(
                 f"{scene.name}: {where}, seed {seed} (P/R/F1 x100, craters >= "
                 f"{scene.limit_km:g} km; a matched pair in the reference's bin)",
-                {arm: results[arm][i] for arm in arms},
+                {name: results[name][i] for name in scored},
                 scene.limit_km,
                 px_km,
             )
+        if args.precision and len(args.precision) > 1:
+            agreement(results, scored, args.precision, args.seeds)
         print(f"\n{scene.name}: >= {scene.limit_km:g} km totals over seeds {args.seeds}")
         summary(results, scene.limit_km)
         if args.screen and scene.name == "ctx":

@@ -255,7 +255,9 @@ def datasets_kept_open(run: str) -> Iterator[None]:
     An ingest task reads its block within this; the next task of the same ``run`` in this thread
     reads from the same open datasets, without opening the file again (over HTTP an open is a
     request or more for the header, and as long as the block's read itself). A new ``run`` in
-    the thread closes the previous run's, so a file replaced between runs is opened anew.
+    the thread closes the previous run's, so a file replaced between runs is opened anew. At
+    most :data:`MAX_OPEN` stay open per thread; the blocks they read stay in GDAL's block
+    cache (``GDAL_CACHEMAX``, 5 % of the RAM by default) until newer ones evict them.
     """
     if _OPEN.run != run:
         _OPEN.close()
