@@ -565,7 +565,8 @@ def train(
         typer.Option(
             metavar="off|bf16|fp16|auto",
             help="Mixed precision of the training step: bf16 (GPU with bf16, any CPU), fp16 "
-            "(GPU), auto (bf16 on a bf16 GPU or an AMX CPU, fp16 on other GPUs, else off), off.",
+            "(GPU), auto (bf16 on a bf16 GPU or a CPU with AMX or AVX-512 BF16, fp16 on "
+            "other GPUs, else off), off.",
             rich_help_panel=PROCESSES,
         ),
     ] = "off",

@@ -435,7 +435,8 @@ class TrainConfig:
         amp: Mixed precision of the training step's forward pass: ``off`` (float32),
             ``bf16`` (bfloat16 autocast, on CUDA with bfloat16 support or any CPU), ``fp16``
             (float16 autocast with gradient scaling, CUDA only), ``auto`` (bf16 on a GPU or
-            CPU with AMX bfloat16, fp16 on an older GPU, else off). Validation stays float32.
+            CPU with AMX or AVX-512 BF16, fp16 on an older GPU, else off). Validation stays
+            float32.
         channels_last: Keep weights and activations in the channels-last memory format
             (faster convolutions on tensor cores and oneDNN; the same function, other rounding).
         seed: Seed of weights, windows and noise.

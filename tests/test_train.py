@@ -453,7 +453,7 @@ def test_device_backend_and_precision_choice() -> None:
     for device in ("cpu", "cuda"):
         assert choose("off", device, cuda_bf16=True, flags=amx) == "fp32"
     assert choose("auto", "cpu") == "fp32"  # AVX2 only: no native bfloat16
-    assert choose("auto", "cpu", flags=avx512_bf16) == "fp32"  # as segment's auto: AMX only
+    assert choose("auto", "cpu", flags=avx512_bf16) == "bf16"  # as segment's auto
     assert choose("auto", "cpu", flags=amx) == "bf16"
     assert choose("bf16", "cpu") == "bf16"  # emulated on AVX2: slow, but it works
     with pytest.raises(InvalidArgumentError, match="--amp fp16 needs a CUDA device"):

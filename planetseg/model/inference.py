@@ -7,11 +7,12 @@
 
   - on a CPU, channels-last float32 (oneDNN's native NHWC convolutions: measured 1.8-4x
     faster than NCHW on a 2-core AMD EPYC, 1.8x on an AVX-512 Intel Xeon, labels equal), and
-    bf16 autocast only with AMX (``amx_bf16``: 3.5x measured on the Xeon). With
-    ``avx512_bf16`` but no AMX (this project's AMD EPYC, Zen 4) bf16 measured 1.1x and 2.0x
-    of channels-last float32 in two runs of ``benchmarks/bench_segment.py`` on a shared
-    machine, with equal labels on a barely trained model only: ``auto`` keeps float32 there
-    until bf16's labels are checked on a trained model (``--precision bf16`` forces it);
+    bf16 autocast where the CPU has bfloat16 instructions: AMX (``amx_bf16``: 3.5x measured
+    on the Xeon) or ``avx512_bf16`` (this project's AMD EPYC, Zen 4: 2.4x channels-last
+    float32 on a quiet machine, ``benchmarks/bench_segment.py`` part 6; on real CTX imagery
+    with a trained model 99.96 % of labels equal to float32's and crater F1 unchanged,
+    ``benchmarks/bench_craters_real.py --precision fp32 bf16``). Without them (AVX2 only)
+    bf16 is emulated and slow: float32;
   - on a CUDA GPU, channels-last with bf16 autocast (Ampere and later) or fp16 (older).
 
 * :class:`InferenceNet` wraps the network so that it runs on that path and still takes and
@@ -101,12 +102,12 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 
 
 def native_bf16(flags: frozenset[str]) -> bool:
-    """Whether a CPU with ``flags`` runs bfloat16 matmuls natively and fast (AMX tiles).
+    """Whether a CPU with ``flags`` runs bfloat16 matmuls natively: AMX tiles or AVX-512 BF16.
 
-    avx512_bf16 alone (e.g. AMD Zen 4) measured 1.1-2x fp32 on our network, but its labels on
-    real data were not compared yet, so ``auto`` keeps fp32 there (segment and train alike).
+    Measured on our network (segment and train alike): AMX 3.5x fp32 on a Xeon; avx512_bf16
+    (AMD Zen 4) 2.4x fp32 in inference and 1.3x in training samples/s.
     """
-    return "amx_bf16" in flags
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def this_hardware() -> Hardware:
