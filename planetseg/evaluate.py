@@ -7,8 +7,10 @@ labels at ``scale`` x that input, and the prediction is scored against the cube'
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,14 @@ class Tile:
     yb: int
     xa: int
     xb: int
+
+    def in_window(self) -> Tile:
+        """The same tile, in the pixels of the window it reads (which starts at 0, 0)."""
+        dy, dx = self.ya, self.xa
+        return Tile(
+            self.y0 - dy, self.y1 - dy, self.x0 - dx, self.x1 - dx,
+            0, self.yb - dy, 0, self.xb - dx,
+        )  # fmt: skip
 
 
 def halo_of(config: NetConfig) -> int:
@@ -109,6 +119,32 @@ def predict_tile(net: SegmentationNet, lr: torch.Tensor, t: Tile) -> torch.Tenso
     return net(window)[..., oy : oy + (t.y1 - t.y0) * s, ox : ox + (t.x1 - t.x0) * s]
 
 
+def predict_window(
+    net: SegmentationNet,
+    piece: Tile,
+    read: Callable[[slice, slice], torch.Tensor],
+    shape: tuple[int, int],
+    degrade: Degradation,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
+    """Labels of one tile of an HR image, reading and degrading only the tile's window.
+
+    The image (``shape``, multiples of the scale) is seen through ``read(rows, columns)``,
+    which returns any part of it normalised; the tile's window and the blur's context are
+    read, degraded (:meth:`Degradation.window`, noise from ``generator``) and predicted.
+    Tiles of :func:`tiles` put together equal the whole image's prediction, in memory that
+    follows the tile, not the image.
+
+    Returns:
+        ``(s * rows, s * columns)`` labels of the tile's HR pixels.
+    """
+    lr = degrade.window(
+        read, shape, slice(piece.ya, piece.yb), slice(piece.xa, piece.xb), generator
+    )
+    device = next(net.parameters()).device
+    return predict_tile(net, lr.to(device), piece.in_window()).argmax(1)[0].cpu().numpy()
+
+
 @torch.no_grad()
 def predict_logits(
     net: SegmentationNet, lr: torch.Tensor, *, tile: int | None = 512, halo: int | None = None
@@ -140,6 +176,7 @@ def evaluate(
     *,
     region: Literal["all", "val"] = "all",
     out: str | Path | None = None,
+    tile: int = 512,
 ) -> dict[str, Any]:
     """Score ``model`` on ``cube``: per-class IoU, mIoU, pixel accuracy, confusion matrix.
 
@@ -148,6 +185,8 @@ def evaluate(
         cube: A complete cube with labels and the model's bands.
         region: ``all`` pixels, or only the ``val`` strip held out in training.
         out: Also write the scores there as JSON (replacing only an earlier scores file).
+        tile: LR side of the tiles predicted at once (a multiple of the network's divisor):
+            memory follows it, the scores do not depend on it (float rounding aside).
 
     Raises:
         InvalidArgumentError: ``region`` is neither ``all`` nor ``val``.
@@ -181,18 +220,30 @@ def evaluate(
         columns = spatial_split(
             data.shape[-1], card["training"]["config"]["val_fraction"], multiple=crop
         ).val
+    start = columns.start or 0
+    width = (columns.stop if columns.stop is not None else data.shape[-1]) - start
+    height, width = data.shape[-2] - data.shape[-2] % scale, width - width % scale
+    fill = np.asarray(card["normalisation"]["mean"], np.float32)[:, None, None]
     cm = np.zeros((n, n), np.int64)
-    for t in range(data.shape[0]):  # one time step in memory at a time
-        image = data.read("image", (t, slice(None), slice(None), columns))
-        hr = torch.from_numpy(image.astype(np.float32)[None])
-        h, w = hr.shape[-2] - hr.shape[-2] % scale, hr.shape[-1] - hr.shape[-1] % scale
-        lr = degrade((hr[..., :h, :w] - mean) / std)
-        pred = predict_logits(net, lr).argmax(1)[0].numpy()
-        labels = data.labels_at(t, slice(None), columns)[:h, :w]
-        if (top := int(labels.max(initial=0)) + 1) > n:  # a value the classes do not name
-            cm = np.pad(cm, (0, top - n))
-            n = top
-        cm += confusion_matrix(labels, pred, n)
+    numbers = itertools.count()  # of the tiles, each with its own noise (fixed: seed 0)
+    for t in range(data.shape[0]):  # tile by tile: memory follows the tile, not the cube
+
+        def read(rows: slice, cols: slice, t: int = t) -> torch.Tensor:
+            cols = slice(start + cols.start, start + cols.stop)
+            image = data.read("image", (t, slice(None), rows, cols)).astype(np.float32)
+            image = np.where(np.isnan(image), fill, image)  # NaN: the band mean, as in training
+            return (torch.from_numpy(image[None]) - mean) / std
+
+        for piece in tiles(net.config, height // scale, width // scale, tile=tile):
+            noise = torch.Generator().manual_seed(500_009 + next(numbers))
+            pred = predict_window(net, piece, read, (height, width), degrade, noise)
+            rows = slice(piece.y0 * scale, piece.y1 * scale)
+            cols = slice(start + piece.x0 * scale, start + piece.x1 * scale)
+            labels = data.labels_at(t, rows, cols)
+            if (top := int(labels.max(initial=0)) + 1) > n:  # a value the classes do not name
+                cm = np.pad(cm, (0, top - n))
+                n = top
+            cm += confusion_matrix(labels, pred, n)
     result = scores(cm, classes)
     result["model"] = card["digest"]
     result["cube"] = data.store

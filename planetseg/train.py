@@ -701,7 +701,7 @@ def validate(
     ``seed``), so every rank returns the scores a single process would, and none idles. Every
     rank must call this (it is a collective when ``world > 1``).
     """
-    from planetseg.evaluate import Tile, predict_tile, tiles
+    from planetseg.evaluate import predict_window, tiles
 
     model.eval()
     if world > 1:
@@ -726,16 +726,7 @@ def validate(
             if i % world != rank:
                 continue
             noise = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + i)
-            lr = degrade.window(
-                read, (h, w), slice(piece.ya, piece.yb), slice(piece.xa, piece.xb), noise
-            )
-            # The tile within its window.
-            dy, dx = piece.ya, piece.xa
-            local = Tile(
-                piece.y0 - dy, piece.y1 - dy, piece.x0 - dx, piece.x1 - dx,
-                0, piece.yb - dy, 0, piece.xb - dx,
-            )  # fmt: skip
-            pred = predict_tile(model.seg, lr.to(device), local).argmax(1)[0].cpu().numpy()
+            pred = predict_window(model.seg, piece, read, (h, w), degrade, noise)
             rows, cols = slice(piece.y0 * s, piece.y1 * s), slice(piece.x0 * s, piece.x1 * s)
             cm += confusion_matrix(data.validation_labels(part, rows, cols), pred, n)
     if world > 1:

@@ -211,7 +211,8 @@ def test_a_store_without_a_recorded_path_resumes_on_fp32(
 def test_plan_records_path_and_measured_activation(world: dict[str, Path], tmp_path: Path) -> None:
     config = SegmentConfig(out=str(tmp_path / "x"), model=str(world["model"]), precision="bf16")
     plan = plan_segment(world["lr"], config)
-    reference = plan_segment(world["lr"], SegmentConfig(out="x", model=str(world["model"])))
+    fp32 = SegmentConfig(out="x", model=str(world["model"]), precision="fp32")
+    reference = plan_segment(world["lr"], fp32)
     assert plan.path == InferencePath("bf16", True, "cpu")
     assert 0 < plan.activation < reference.activation
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -185,6 +186,23 @@ def test_evaluate_reports_per_class_scores(small_cube: Path, tmp_path: Path) -> 
     cm = scores["confusion"]
     assert sum(map(sum, cm)) == 3 * 256 * 256  # every HR pixel of every epoch, once
     assert "mIoU" in proc.stdout
+    # Tile by tile (32 px LR tiles: 16 a step, each reading its own window) equals one pass
+    # over each whole time step (argmax ties of float rounding aside: at most 1e-4).
+    from planetseg.data import Degradation, open_cube
+    from planetseg.evaluate import evaluate, predict_logits
+    from planetseg.metrics import confusion_matrix
+
+    tiled = np.array(evaluate(model_dir, small_cube, tile=32)["confusion"])
+    net, card = load_model(model_dir)
+    cube, degrade = open_cube(small_cube), Degradation(**card["degradation"])
+    mean, std = (torch.tensor(card["normalisation"][k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    whole = np.zeros_like(tiled)
+    for t in range(3):
+        hr = torch.from_numpy(cube.read("image", (t, slice(None))).astype(np.float32)[None])
+        pred = predict_logits(net, degrade((hr - mean) / std), tile=None).argmax(1)[0].numpy()
+        whole += confusion_matrix(cube.labels_at(t, slice(None), slice(None)), pred, len(whole))
+    for other in (whole, np.array(cm)):  # one pass, and the CLI's 512 px tiles
+        assert np.abs(tiled - other).sum() / 2 <= 1e-4 * other.sum(), (tiled, other)
 
 
 def test_bad_training_input(small_cube: Path, tmp_path: Path) -> None:
