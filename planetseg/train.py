@@ -515,8 +515,8 @@ def train_loop(
         data, crop=config.crop, seed=config.seed, foreground=config.foreground_windows
     )
     degrade = Degradation(config.scale, config.psf_sigma, config.noise)
-    tile = validation_tile(net_config, config.batch_size, config.crop)
-    scoring = {"tile": tile, "seed": config.seed, "rank": rank, "world": world}
+    window = validation_window(net_config, config.batch_size, config.crop)
+    scoring = {"window": window, "seed": config.seed, "rank": rank, "world": world}
     jitter = Photometric() if config.augment == "photometric" else None
     weights = LossWeights(
         config.w_sr, config.w_fa, config.fa_subsample, dice=1.0 if config.loss == "ce+dice" else 0.0
@@ -661,20 +661,40 @@ def _float32(out: DSRLOutput) -> DSRLOutput:
     return DSRLOutput(**{k: None if v is None else v.float() for k, v in fields.items()})
 
 
-def validation_tile(config: Any, batch: int, crop: int) -> int:
-    """LR side of validation's tiles: their windows hold at most a training batch's pixels.
+def validation_window(config: Any, batch: int, crop: int) -> int:
+    """LR pixels a validation tile's window may hold: a training batch's, or 6 halos squared.
 
     A training step runs the network forward and backward, the SR branch at HR too, on
     ``batch`` windows of ``crop`` HR px; a validation tile runs only the segmentation forward
     on its window (the tile and the halo on each side), on as many LR pixels at most. So
     validation needs no more memory than a training step, whatever the size of the strips.
-    A multiple of the divisor.
+    The floor keeps tiles of at least 4 halos, which spend less than half their time on the
+    halo (a tiny network's tiny batches would give tiny tiles; their memory is small anyway).
     """
     from planetseg.evaluate import halo_of
 
-    m = config.divisor
-    side = math.isqrt(batch * (crop // config.scale) ** 2) - 2 * halo_of(config)
-    return max(m, side // m * m)
+    return max(batch * (crop // config.scale) ** 2, (6 * halo_of(config)) ** 2)
+
+
+def validation_tile(config: Any, shape: tuple[int, int], window: int) -> int:
+    """The largest tile side whose windows of an LR image of ``shape`` hold ``window`` px.
+
+    A multiple of the divisor (at least one). A window is the tile and the halo on each side,
+    clipped to the image, so a narrow strip gets tall tiles, and a small one a single tile.
+    """
+    from planetseg.evaluate import halo_of
+
+    m, halo = config.divisor, halo_of(config)
+    h, w = shape
+
+    def pixels(tile: int) -> int:
+        return min(tile + 2 * halo, h) * min(tile + 2 * halo, w)
+
+    low, high = 1, max(1, math.ceil(max(h, w) / m))  # in multiples of m; low always allowed
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if pixels(mid * m) <= window else (low, mid - 1)
+    return low * m
 
 
 def validate(
@@ -684,16 +704,17 @@ def validate(
     degrade: Degradation,
     device: torch.device,
     *,
-    tile: int | None = 512,
+    window: int | None = None,
     seed: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> dict[str, Any]:
     """Per-class scores of ``model`` on the held-out strips (LR input, HR labels), all ranks.
 
-    The strip of every (cube, time step) part is cut into the tiles of ``tile`` LR px that
-    :func:`~planetseg.evaluate.predict_logits` would use (training passes
-    :func:`validation_tile`); numbered over all parts, tile ``i``
+    The strip of every (cube, time step) part is cut into the tiles
+    :func:`~planetseg.evaluate.predict_logits` would use, the largest whose windows hold at
+    most ``window`` LR pixels (:func:`validation_tile`; training passes
+    :func:`validation_window`; None: 512 px tiles). Numbered over all parts, tile ``i``
     is scored by rank ``i % world``, and the ranks' confusion matrices are summed
     (all-reduce). A tile reads its own window of the strip, with the blur's context
     (:meth:`Degradation.window`), so memory follows the tile, not the strip. Each tile is
@@ -721,6 +742,7 @@ def validate(
             hr = torch.from_numpy(data.validation_window(part, rows, cols))
             return (hr - norm[0]) / norm[1]
 
+        tile = validation_tile(model.config, (h // s, w // s), window) if window else 512
         for piece in tiles(model.config, h // s, w // s, tile=tile):
             i = next(numbers)
             if i % world != rank:
