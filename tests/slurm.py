@@ -11,6 +11,7 @@ folder; the daemons are stopped by PID. Needs root (slurmd runs jobs as their us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -162,5 +163,7 @@ class LocalSlurm:
                     break
                 time.sleep(0.1)
             else:
-                os.kill(pid, signal.SIGKILL)
+                # It may exit between the last check and the kill (seen under load).
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.pids.clear()
