@@ -523,17 +523,19 @@ class TrainingData:
         touch are read. NaN pixels hold the band mean (0 once normalised).
         """
         c, t = part
-        start = self.splits[c].val.start
-        cols = slice(start + columns.start, start + columns.stop)
+        cols = self._in_cube(c, columns)
         return self.finite(self.cubes[c].read("image", (t, slice(None), rows, cols)))[None]
 
     def validation_labels(self, part: tuple[int, int], rows: slice, columns: slice) -> np.ndarray:
         """Labels ``(y, x)`` of ``rows`` x ``columns`` of a strip, in :attr:`label_dtype`."""
         c, t = part
-        start = self.splits[c].val.start
-        cols = slice(start + columns.start, start + columns.stop)
-        labels = self.cubes[c].labels_at(t, rows, cols)
+        labels = self.cubes[c].labels_at(t, rows, self._in_cube(c, columns))
         return labels.astype(self.label_dtype, copy=False)
+
+    def _in_cube(self, c: int, columns: slice) -> slice:
+        """Columns of cube ``c``'s validation strip as the cube's own columns."""
+        start = self.splits[c].val.start
+        return slice(start + columns.start, start + columns.stop)
 
     def finite(self, image: np.ndarray) -> np.ndarray:
         """``image(band, y, x)`` as float32 with its NaN pixels set to the band means.

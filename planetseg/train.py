@@ -531,6 +531,7 @@ def train_loop(
     log = (run / METRICS).open("a") if rank == 0 else None
     t0 = time.perf_counter()
     saved = start if config.resume else None
+    final = None  # the last step's validation: the exported model's metrics
     for step in range(start, config.steps):
         signum = _agreed_stop(stop, world, device)
         if signum:
@@ -581,6 +582,7 @@ def train_loop(
             }
         if done % config.val_every == 0 or done == config.steps:
             val = validate(model, data, norm, degrade, device, **scoring)
+            final = val if done == config.steps else None
             if record is not None:
                 record["val"] = val
         if log is not None:
@@ -601,7 +603,8 @@ def train_loop(
     if log is not None:
         log.close()
     batches.close()
-    final = validate(model, data, norm, degrade, device, **scoring)
+    if final is None:  # a resume of a finished run: no step ran
+        final = validate(model, data, norm, degrade, device, **scoring)
     if rank == 0:
         from planetseg.export import export_model
 
