@@ -471,8 +471,14 @@ def worker_model(
     """
     from planetseg.export import load_model
     from planetseg.model import fuse_for_inference
-    from planetseg.model.inference import InferenceNet, InferencePath, worker_device
+    from planetseg.model.inference import (
+        InferenceNet,
+        InferencePath,
+        keep_freed_memory,
+        worker_device,
+    )
 
+    keep_freed_memory()  # once per process: see its docstring (Dask workers trim every free)
     inference = inference or InferencePath()
     if device is None:
         device = worker_device() if inference.device == "cuda" else "cpu"
