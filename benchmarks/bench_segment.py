@@ -16,9 +16,10 @@
    over the RSS before (model loaded), for a few tile / batch sizes and inference paths.
    ``tests/test_segment.py`` checks the same within 2x.
 6. Inference paths (``--precision``): per path (eager fp32, channels-last fp32, channels-last
-   bf16), the network's time on one task's window (1 thread), its FLOP/s against dense
-   matmul of the same precision, and its labels' agreement with eager fp32 over every window
-   of the cube; the CPU's flags and the path ``auto`` takes here.
+   bf16, and OpenVINO fp32 and bf16 where it is installed), the network's time on one task's
+   window (1 thread), its FLOP/s against dense matmul of the same precision, and its labels'
+   agreement with eager fp32 over every window of the cube; the CPU's flags and the path
+   ``auto`` takes here. Then torch.compile of torch's fastest path against it eager.
 
 Parts 1 and 2 run ``segment`` with ``--precision auto`` against the plain loop on eager fp32
 (today's reference) and on the same path as ``auto`` (the best plain loop).
@@ -53,12 +54,13 @@ from planetseg.export import load_model  # noqa: E402
 from planetseg.ingest import ingest  # noqa: E402
 from planetseg.model.inference import (  # noqa: E402
     CPU_FLAGS,
-    Hardware,
     InferenceNet,
     InferencePath,
     activation_bytes,
     choose_path,
     cpu_flags,
+    native_bf16,
+    this_hardware,
 )
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment  # noqa: E402
 from planetseg.synthetic import SynthConfig, synthesize  # noqa: E402
@@ -86,6 +88,9 @@ def make_inputs(root: Path, size: int, tile: int = 256) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- 1. throughput
 
 
+_PLAIN_NETS: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
+
+
 def plain_loop(
     cube: Path,
     model: Path,
@@ -97,18 +102,23 @@ def plain_loop(
 ) -> int:
     """The baseline: one process, tile after tile, the same halo and outputs, no Dask.
 
-    ``fused``: the model with BatchNorm folded; ``path``: that, run on an inference path.
+    ``fused``: the model with BatchNorm folded; ``path``: that, run on an inference path. The
+    model is loaded on the first call of each kind (the benchmark warms every arm up).
     """
     import zarr
 
     from planetseg.model import fuse_for_inference
 
     torch.set_num_threads(threads)
-    net, card = load_model(model)
-    if fused or path:
-        net = fuse_for_inference(net)
-    if path:
-        net = InferenceNet(net, path)
+    key = (str(model), threads, fused, path)
+    if key not in _PLAIN_NETS:  # loaded (and compiled) once, as a worker does
+        net, card = load_model(model)
+        if fused or path:
+            net = fuse_for_inference(net)
+        if path:
+            net = InferenceNet(net, path)
+        _PLAIN_NETS[key] = net, card
+    net, card = _PLAIN_NETS[key]
     s = card["scale"]
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
@@ -172,8 +182,17 @@ def throughput(cube: Path, model: Path, root: Path, repeats: int) -> dict[str, A
     plan = plan_segment(cube, config)
     rows = []
     with dask_client(ClusterConfig(kind="local", workers=2, threads=1)) as client:
-        # Warm up both: worker processes load torch and the model once per cluster, as in use.
-        segment(cube, SegmentConfig(out=str(root / "warm.zarr"), model=str(model)), client=client)
+        # Warm up every arm: worker processes load torch and the model once per cluster, as in
+        # use, and the plain loops load theirs once too (an OpenVINO path compiles it).
+        res = segment(
+            cube, SegmentConfig(out=str(root / "warm.zarr"), model=str(model)), client=client
+        )
+        for name, kwargs in (
+            ("plain", {}),
+            ("fused", {"fused": True}),
+            ("best", {"path": res.plan.path}),
+        ):
+            plain_loop(cube, model, root / f"warm-{name}.zarr", plan.halo, threads=2, **kwargs)
         peak_graph = 0
         for r in range(repeats):
             out = root / f"ps{r}.zarr"
@@ -306,7 +325,7 @@ def main() -> None:
     print(
         f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; CPU flags: "
         + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
-        + f"; --precision auto here: {choose_path('auto', Hardware(cpu_flags=flags)).name}"
+        + f"; --precision auto here: {choose_path('auto', this_hardware()).name}"
     )
     model, cube = make_inputs(root, args.size)
 
@@ -409,21 +428,16 @@ def paths_part(root: Path, model: Path, cube: Path, plan: Any) -> None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(x)
     work = counter.get_total_flops()
-    paths = (InferencePath(), InferencePath("fp32", True), InferencePath("bf16", True))
+    paths = [InferencePath(), InferencePath("fp32", True), InferencePath("bf16", True)]
+    if this_hardware().openvino:
+        paths += [InferencePath(p, backend="openvino") for p in ("fp32", "bf16")]
     matmul = {p: matmul_flops(_DTYPE[p], 1) for p in ("fp32", "bf16")}
     reference = None
     for path in paths:
+        torch.set_num_threads(1)  # before InferenceNet: OpenVINO compiles for the thread count
         run = InferenceNet(net, path)
-        torch.set_num_threads(1)
-        with torch.inference_mode():
-            run(x)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                run(x)
-                times.append(time.perf_counter() - t0)
-        seconds = min(times)
-        out = root / f"path-{path.precision}-{path.channels_last}.zarr"
+        seconds = window_seconds(run, x)
+        out = root / f"path-{path.name.replace(' ', '-')}.zarr"
         plain_loop(cube, model, out, plan.halo, threads=2, path=path)
         labels = zarr.open_group(str(out), mode="r")["labels"][:]
         reference = labels if reference is None else reference
@@ -436,6 +450,32 @@ def paths_part(root: Path, model: Path, cube: Path, plan: Any) -> None:
             f"{peak / (16 * net.config.divisor) ** 2:.0f} B per input px",
             flush=True,
         )
+
+    # torch.compile (inductor, weights frozen) of torch's fastest path: measured, not taken.
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    fastest = InferenceNet(net, InferencePath("bf16" if native_bf16(cpu_flags()) else "fp32", True))
+    eager = window_seconds(fastest, x)
+    compiled = window_seconds(torch.compile(fastest.eval(), dynamic=False), x)
+    print(
+        f"  torch.compile of {fastest.path.name}: {compiled:.3f} s per window against "
+        f"{eager:.3f} s eager ({eager / compiled:.2f}x)",
+        flush=True,
+    )
+
+
+def window_seconds(run: Any, x: torch.Tensor) -> float:
+    """Best of 3 passes of ``run`` over ``x``, after two warm-up passes (compilation)."""
+    with torch.inference_mode():
+        run(x)
+        run(x)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 _DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}

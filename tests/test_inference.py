@@ -24,6 +24,8 @@ from planetseg.model.inference import (
     choose_path,
     claim_gpu,
     cpu_flags,
+    keep_freed_memory,
+    this_hardware,
     visible_gpus,
 )
 from planetseg.segment import INFERENCE_ATTR, plan_segment, segment
@@ -56,6 +58,24 @@ def test_auto_takes_bf16_only_where_the_hardware_has_it() -> None:
         choose_path("fp16", Hardware(cpu_flags=SAPPHIRE_RAPIDS))
     with pytest.raises(InvalidArgumentError, match="--precision"):
         SegmentConfig(out="x", model="m", precision="int8")
+
+
+def test_auto_takes_openvino_on_a_cpu_where_it_is_installed() -> None:
+    with_openvino = Hardware(cpu_flags=ZEN4, openvino=True)
+    assert choose_path("auto", with_openvino) == InferencePath("bf16", False, "cpu", "openvino")
+    avx2 = choose_path("auto", Hardware(cpu_flags=frozenset({"avx2"}), openvino=True))
+    assert (avx2.precision, avx2.backend, avx2.name) == ("fp32", "openvino", "cpu fp32 openvino")
+    # a GPU stays on torch; explicit precisions are torch's (fp32: the eager reference)
+    gpu = Hardware(cuda=True, cuda_bf16=True, openvino=True)
+    assert choose_path("auto", gpu).backend == "torch"
+    assert choose_path("fp32", with_openvino) == InferencePath()
+    assert choose_path("bf16", with_openvino) == InferencePath("bf16", True, "cpu")
+    assert this_hardware().openvino  # the test extra installs it
+
+
+def test_workers_keep_freed_memory_for_the_next_pass() -> None:
+    # glibc (this project's Linux) has mallopt; set once per process, whatever Dask's nanny set
+    assert keep_freed_memory()
 
 
 def test_visible_gpus_follow_cuda_visible_devices() -> None:
@@ -114,6 +134,25 @@ def test_paths_compute_the_same_function() -> None:
     torch.testing.assert_close(bf, ref, rtol=0.1, atol=0.1)
 
 
+def test_openvino_computes_the_same_function_at_any_window_size() -> None:
+    torch.manual_seed(0)
+    net = fuse_for_inference(SegmentationNet(NetConfig(2, 3, 2, 8, 2, 8)).eval())
+    fp32 = InferenceNet(net, InferencePath("fp32", backend="openvino"))
+    bf16 = InferenceNet(net, InferencePath("bf16", backend="openvino"))
+    # one compiled model for every window a run meets (interior, edges, corners) and batches
+    for shape in ((1, 2, 48, 64), (1, 2, 40, 72), (2, 2, 16, 16)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            ref = InferenceNet(net, InferencePath())(x)
+            out = fp32(x)
+            assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(bf16(x), ref, rtol=0.1, atol=0.1)
+            kept = out.clone()
+            fp32(torch.randn(*shape))  # the request's output buffer is reused: out is a copy
+            assert torch.equal(out, kept)
+
+
 def test_activations_follow_the_architecture_and_precision() -> None:
     config = NetConfig(1, 3, 2, 8, 2, 8)
     net = fuse_for_inference(SegmentationNet(config).eval())
@@ -157,12 +196,12 @@ def test_fp32_is_todays_path_and_auto_gives_its_labels_here(
         "--cluster", "none",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    path = choose_path("auto", Hardware(cpu_flags=cpu_flags()))
+    path = choose_path("auto", this_hardware())
     recorded = json.loads(zarr.open_group(str(out), mode="r").attrs[INFERENCE_ATTR])
     assert recorded["name"] == path.name and path.name in " ".join(proc.stdout.split())
-    if path.precision == "fp32":  # AVX2 only: the same labels as the reference
+    if path == InferencePath("fp32", True):  # AVX2 only, torch: the same labels as the reference
         np.testing.assert_array_equal(_labels(out), _labels(fp32_labels))
-    else:  # bf16 where the CPU has bfloat16 instructions
+    else:  # bf16 where the CPU has bfloat16 instructions, or compiled by OpenVINO
         assert (_labels(out) == _labels(fp32_labels)).mean() >= 0.999
     # resuming with another explicit precision is refused, naming the path it ran
     other = "bf16" if path.precision == "fp32" else "fp32"

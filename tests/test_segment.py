@@ -236,7 +236,7 @@ def status(key):
 cube, model, out = sys.argv[1:]
 config = SegmentConfig(out=out, model=model, batch=2)
 plan = plan_segment(cube, config)
-net, _ = worker_model(plan.model, plan.digest)
+net, _ = worker_model(plan.model, plan.digest, plan.path)  # loaded (compiled) as a worker's
 with torch.no_grad():
     net(torch.zeros(1, plan.bands, 64, 64))
 before = status("VmRSS:")
