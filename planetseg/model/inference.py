@@ -209,14 +209,12 @@ class InferenceNet(nn.Module):
 
 
 @functools.cache
-def _openvino_core() -> Any:
-    """The process's one OpenVINO runtime, kept for its life.
+def _openvino_core(ov: Any) -> Any:
+    """The process's one OpenVINO runtime (of the module ``ov``), kept for its life.
 
     Two ``Core`` objects, one of them freed, crashed the process later in unrelated code (seen
     with openvino 2026.4 under pytest).
     """
-    import openvino as ov
-
     return ov.Core()
 
 
@@ -247,7 +245,7 @@ def _openvino(net: nn.Module, path: InferencePath) -> Any:
             example_input=torch.zeros(1, bands, side, side),
             input=[ov.PartialShape([-1, bands, -1, -1])],
         )
-    return _openvino_core().compile_model(
+    return _openvino_core(ov).compile_model(
         model,
         "CPU",
         {
