@@ -31,6 +31,15 @@ from tests.servers import (
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _cache_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """planetseg's cache (OpenVINO conversions) in the session's temporary folder, not the
+    user's: the processes the tests start (CLI runs, cluster workers) inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLANETSEG_CACHE", str(tmp_path_factory.mktemp("planetseg-cache")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _loopback_bypasses_proxies() -> Iterator[None]:
     """Keep requests and curl (GDAL) from sending loopback traffic to an HTTP(S)_PROXY."""
     names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")

@@ -25,6 +25,7 @@ from planetseg.model.inference import (
     claim_gpu,
     cpu_flags,
     keep_freed_memory,
+    openvino_cache,
     this_hardware,
     visible_gpus,
 )
@@ -151,6 +152,33 @@ def test_openvino_computes_the_same_function_at_any_window_size() -> None:
             kept = out.clone()
             fp32(torch.randn(*shape))  # the request's output buffer is reused: out is a copy
             assert torch.equal(out, kept)
+
+
+def test_openvino_conversions_are_kept_and_a_read_only_cache_only_costs_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PLANETSEG_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(1)
+    net = fuse_for_inference(SegmentationNet(NetConfig(1, 3, 2, 8, 2, 8)).eval())
+    x = torch.randn(1, 1, 32, 48)
+    with torch.inference_mode():
+        first = InferenceNet(net, InferencePath("fp32", backend="openvino"))(x)
+        kept = sorted(p.name for p in openvino_cache().iterdir())
+        assert len(kept) == 2 and {Path(k).suffix for k in kept} == {".xml", ".bin"}
+        # the next process (here: the next model) reads the conversion back: same function
+        again = InferenceNet(net, InferencePath("bf16", backend="openvino"))(x)
+        torch.testing.assert_close(again, first, rtol=0.1, atol=0.1)
+        assert sorted(p.name for p in openvino_cache().iterdir()) == kept
+        # other weights are another entry
+        other = fuse_for_inference(SegmentationNet(NetConfig(1, 3, 2, 8, 2, 8)).eval())
+        InferenceNet(other, InferencePath("fp32", backend="openvino"))(x)
+        assert len(list(openvino_cache().iterdir())) == 4
+        # a cache folder that cannot be made: converted anyway
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        monkeypatch.setenv("PLANETSEG_CACHE", str(blocker))
+        out = InferenceNet(net, InferencePath("fp32", backend="openvino"))(x)
+        torch.testing.assert_close(out, first)
 
 
 def test_activations_follow_the_architecture_and_precision() -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import functools
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -218,6 +219,52 @@ def _openvino_core(ov: Any) -> Any:
     return ov.Core()
 
 
+def openvino_cache() -> Path:
+    """Where converted networks are kept.
+
+    ``$PLANETSEG_CACHE/openvino``, else ``planetseg/openvino`` in the user's cache folder
+    (``$XDG_CACHE_HOME`` or ``~/.cache``).
+    """
+    root = os.environ.get("PLANETSEG_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "planetseg"
+    )
+    return Path(root) / "openvino"
+
+
+def _openvino_model(ov: Any, net: nn.Module) -> Any:
+    """``net`` as an OpenVINO model (dynamic batch, height and width), converted once.
+
+    The conversion (about 2 s) is kept in :func:`openvino_cache` under a digest of the
+    network's shape and weights, written whole or not at all, and read back by the next
+    worker process. A cache that cannot be written only costs the conversion.
+    """
+    digest = hashlib.sha256(repr(net.config).encode())
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    xml = openvino_cache() / f"{digest.hexdigest()}.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return _openvino_core(ov).read_model(str(xml))
+    bands = net.config.in_bands
+    side = 4 * net.config.divisor  # a small example: the model takes any h and w
+    with torch.no_grad():
+        model = ov.convert_model(
+            net.eval(),
+            example_input=torch.zeros(1, bands, side, side),
+            input=[ov.PartialShape([-1, bands, -1, -1])],
+        )
+    try:
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=xml.parent) as tmp:
+            # The .bin first, then the .xml: a reader that finds the .xml finds both.
+            ov.save_model(model, str(Path(tmp) / xml.name), compress_to_fp16=False)
+            os.replace(Path(tmp) / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
+            os.replace(Path(tmp) / xml.name, xml)
+    except OSError:
+        pass  # a read-only or full cache folder: convert again next time
+    return model
+
+
 def _openvino(net: nn.Module, path: InferencePath) -> Any:
     """``net`` (eval mode) compiled by OpenVINO for the CPU, on ``path``'s precision.
 
@@ -237,16 +284,8 @@ def _openvino(net: nn.Module, path: InferencePath) -> Any:
         ) from exc
     if path.device != "cpu" or path.precision not in ("fp32", "bf16"):
         raise InvalidArgumentError(f"OpenVINO runs fp32 or bf16 on a CPU, not {path.name}")
-    bands = net.config.in_bands
-    side = 4 * net.config.divisor  # a small example: the compiled model takes any h and w
-    with torch.no_grad():
-        model = ov.convert_model(
-            net.eval(),
-            example_input=torch.zeros(1, bands, side, side),
-            input=[ov.PartialShape([-1, bands, -1, -1])],
-        )
     return _openvino_core(ov).compile_model(
-        model,
+        _openvino_model(ov, net),
         "CPU",
         {
             "INFERENCE_PRECISION_HINT": "bf16" if path.precision == "bf16" else "f32",
