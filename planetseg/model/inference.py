@@ -15,18 +15,19 @@
     bf16 is emulated and slow: float32;
   - on a CUDA GPU, channels-last with bf16 autocast (Ampere and later) or fp16 (older);
   - on a CPU where OpenVINO is installed (``pip install 'planetseg[openvino]'``), the same
-    precision compiled by OpenVINO instead of run by torch: its convolutions reach 96-99 % of
-    dense float32 matmul FLOP/s on this project's AMD EPYC (torch's 45 %), 1.7x torch's
-    fastest float32 and 1.3-1.5x torch's bf16 on one task's window, labels equal to eager
-    float32 (``benchmarks/bench_segment.py`` part 6).
+    precision compiled by OpenVINO instead of run by torch: on one task's window of this
+    project's AMD EPYC it reaches 90-99 % of dense float32 matmul FLOP/s in float32 (torch
+    37-60 %) and 80 % of bf16 matmul in bf16 (torch 53 %), 1.5x torch's fastest float32 and
+    bf16, with 99.96 % of eager float32's labels on real CTX imagery
+    (``benchmarks/bench_segment.py`` part 6, ``bench_craters_real.py``).
 
   ``--precision fp32`` always runs eager torch (the reference); ``bf16`` / ``fp16`` run torch's
   autocast.
 
 * :class:`InferenceNet` wraps the network so that it runs on that path and still takes and
   returns contiguous float32 tensors (every caller stays the same).
-  An OpenVINO path converts the network once per process (about 2 s) and takes any window
-  size (dynamic height and width).
+  An OpenVINO path converts the network once (about 2 s; kept in :func:`openvino_cache`
+  for the next process) and takes any window size (dynamic batch, height and width).
 * :func:`worker_device` picks the GPU of a Dask worker: dask-cuda and SLURM both give a worker
   ``CUDA_VISIBLE_DEVICES``; a worker claims the first device of its list that no other worker
   process of the same job on the node holds (a lock file each), so N workers of an N-GPU job
