@@ -352,6 +352,7 @@ def _wait_for_record(
     raise AssertionError(f"no run record {after + 1} within {timeout} s; job logs:\n{logs}")
 
 
+@pytest.mark.slow  # 27 s: the default run stays under 15 min
 @pytest.mark.slurm
 def test_scheduled_runs_process_exactly_the_new_epoch(
     world: dict[str, Path], tmp_path: Path, slurm: Any, monkeypatch: pytest.MonkeyPatch

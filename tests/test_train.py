@@ -100,6 +100,7 @@ def test_two_processes_learn_like_one(small_cube: Path, tmp_path: Path) -> None:
     assert abs(end1 - end2) / end1 < 0.3
 
 
+@pytest.mark.slow  # 22-37 s: the default run stays under 15 min
 def test_kill_and_resume_equals_uninterrupted(small_cube: Path, tmp_path: Path) -> None:
     args = [
         "train",
@@ -281,6 +282,7 @@ def test_batch_size_is_checked_against_torchruns_world(
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # 22-37 s: the default run stays under 15 min
 def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(
     small_cube: Path, two_process_run: Path, tmp_path: Path
 ) -> None:
