@@ -30,6 +30,7 @@ Parts 1 and 2 run ``segment`` with ``--precision auto`` against the plain loop o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,7 +60,6 @@ from planetseg.model.inference import (  # noqa: E402
     activation_bytes,
     choose_path,
     cpu_flags,
-    native_bf16,
     this_hardware,
 )
 from planetseg.segment import CONFIDENCE_STEPS, plan_segment, segment  # noqa: E402
@@ -455,7 +455,8 @@ def paths_part(root: Path, model: Path, cube: Path, plan: Any) -> None:
     import torch._inductor.config as inductor
 
     inductor.freezing = True
-    fastest = InferenceNet(net, InferencePath("bf16" if native_bf16(cpu_flags()) else "fp32", True))
+    torch_only = dataclasses.replace(this_hardware(), openvino=False)
+    fastest = InferenceNet(net, choose_path("auto", torch_only))
     eager = window_seconds(fastest, x)
     compiled = window_seconds(torch.compile(fastest.eval(), dynamic=False), x)
     print(
