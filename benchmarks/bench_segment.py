@@ -441,13 +441,20 @@ def paths_part(root: Path, model: Path, cube: Path, plan: Any) -> None:
         plain_loop(cube, model, out, plan.halo, threads=2, path=path)
         labels = zarr.open_group(str(out), mode="r")["labels"][:]
         reference = labels if reference is None else reference
-        peak = activation_bytes(run, plan.bands, 16 * net.config.divisor, 16 * net.config.divisor)
+        side = 16 * net.config.divisor
+        # OpenVINO's buffers are not torch tensors: only torch's are counted (see --dry-run's
+        # estimate of them, segment.OPENVINO_MEMORY).
+        activations = (
+            f"{activation_bytes(run, plan.bands, side, side) / side**2:.0f} B per input px"
+            if path.backend == "torch"
+            else "not torch tensors"
+        )
         print(
             f"  {path.name}: {seconds:.3f} s per window, {work / seconds / 1e9:.1f} GFLOP/s = "
             f"{100 * work / seconds / matmul[path.precision]:.0f}% of {path.precision} matmul "
             f"({matmul[path.precision] / 1e9:.1f} GFLOP/s, 1 thread); labels equal to eager "
             f"fp32: {100 * float(np.mean(labels == reference)):.3f}%; activations "
-            f"{peak / (16 * net.config.divisor) ** 2:.0f} B per input px",
+            f"{activations}",
             flush=True,
         )
 
