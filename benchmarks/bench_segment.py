@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 from planetseg.cluster import dask_client  # noqa: E402
 from planetseg.config import ClusterConfig, IngestConfig, SegmentConfig, TrainConfig  # noqa: E402
-from planetseg.evaluate import predict_logits  # noqa: E402
+from planetseg.evaluate import padded_to_divisor, predict_logits  # noqa: E402
 from planetseg.export import load_model  # noqa: E402
 from planetseg.ingest import ingest  # noqa: E402
 from planetseg.model.inference import (  # noqa: E402
@@ -144,13 +144,17 @@ def plain_loop(
                     min(x1 + halo, w),
                 )
                 window = torch.from_numpy(image[t, :, ya:yb, xa:xb].astype(np.float32)[None])
-                logits = predict_logits(net, (window - mean) / std, tile=None)[0]
-                core = logits[:, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
-                p, c = torch.softmax(core, 0).max(0)
+                cy = slice((y0 - ya) * s, (y1 - ya) * s)
+                cx = slice((x0 - xa) * s, (x1 - xa) * s)
+                if path:  # the path's own products (OpenVINO: inside its graph)
+                    window = padded_to_divisor((window - mean) / std, net.config.divisor)
+                    c, q = (m[0, cy, cx] for m in net.products(window, (), CONFIDENCE_STEPS))
+                else:
+                    logits = predict_logits(net, (window - mean) / std, tile=None)[0]
+                    p, c = torch.softmax(logits[:, cy, cx], 0).max(0)
+                    q = torch.round(p * CONFIDENCE_STEPS).to(torch.uint8)
                 labels[t, y0 * s : y1 * s, x0 * s : x1 * s] = c.to(torch.uint8).numpy()
-                conf[t, y0 * s : y1 * s, x0 * s : x1 * s] = (
-                    torch.round(p * CONFIDENCE_STEPS).to(torch.uint8).numpy()
-                )
+                conf[t, y0 * s : y1 * s, x0 * s : x1 * s] = q.numpy()
                 tiles += 1
     return tiles
 

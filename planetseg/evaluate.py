@@ -110,13 +110,22 @@ def predict_tile(net: SegmentationNet, lr: torch.Tensor, t: Tile) -> torch.Tenso
     The tile's window (with its halo) is padded to the network's divisor by reflection and
     the padding and the halo are cut off again, so tiles put together equal one pass.
     """
-    s, m = net.config.scale, net.config.divisor
-    window = lr[..., t.ya : t.yb, t.xa : t.xb]
-    ph, pw = (-window.shape[-2]) % m, (-window.shape[-1]) % m
-    if ph or pw:
-        window = torch.nn.functional.pad(window, (0, pw, 0, ph), mode="reflect")
+    s = net.config.scale
+    window = padded_to_divisor(lr[..., t.ya : t.yb, t.xa : t.xb], net.config.divisor)
     oy, ox = (t.y0 - t.ya) * s, (t.x0 - t.xa) * s
     return net(window)[..., oy : oy + (t.y1 - t.y0) * s, ox : ox + (t.x1 - t.x0) * s]
+
+
+def padded_to_divisor(window: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``window`` (..., h, w) padded by reflection to multiples of ``divisor``.
+
+    The padding is at the bottom and right: a size the network takes, its pixels where they
+    were.
+    """
+    ph, pw = (-window.shape[-2]) % divisor, (-window.shape[-1]) % divisor
+    if ph or pw:
+        window = torch.nn.functional.pad(window, (0, pw, 0, ph), mode="reflect")
+    return window
 
 
 def predict_window(

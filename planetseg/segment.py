@@ -128,6 +128,8 @@ class SegmentPlan:
         inference: How the network runs (an :class:`~planetseg.model.inference.InferencePath`
             as a dict: precision, memory format, device kind); empty for the fp32 reference
             path of plans recorded before it was chosen.
+        nodata: The cube's declared nodata value (from its items), None without one: pixels
+            with it in every band are missing, as NaN ones are.
     """
 
     cube: str
@@ -148,6 +150,7 @@ class SegmentPlan:
     threads: int = 1
     net: dict[str, int] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)
+    nodata: float | None = None
 
     @property
     def activation(self) -> float:
@@ -232,19 +235,21 @@ class SegmentPlan:
 
         ``input``: the window read, as float32 and normalised; ``network``: the tensors of the
         forward pass at their peak (:attr:`activation` x the window's pixels: the layers'
-        outputs, the decoder's concatenations, the float32 logits); ``output``: the logits'
-        copy in the window's buffer and, over the core, the softmax probabilities, the
-        confidence, the int64 labels and the crater probability. Measured against the peak
-        RSS of a task within 2x (``tests/test_segment.py``, ``benchmarks/bench_segment.py``).
+        outputs, the decoder's concatenations, the float32 logits); ``output``: the uint8
+        maps of the window and, on torch, the softmax probabilities, the confidence, the
+        int64 labels and the crater probability before them (OpenVINO computes those in its
+        graph). Measured against the peak RSS of a task within 2x (``tests/test_segment.py``,
+        ``benchmarks/bench_segment.py``).
         """
         itemsize = np.dtype(self.dtype).itemsize
         t, s, n = self.tile, self.scale, max(len(self.classes), 2)
         window = (t + 2 * self.halo) * (self.batch * t + 2 * self.halo)  # input pixels
-        core = t * self.batch * t * s * s  # output pixels kept
+        maps = len(self.output_arrays)
+        floats = 0 if self.path.backend == "openvino" else 4 * n + 4 + 8 + 4
         return {
             "input": window * self.bands * (itemsize + 4 + 4),
             "network": int(self.activation * window),
-            "output": 4 * window * s * s * n + core * (4 * n + 4 + 8 + 4),
+            "output": window * s * s * (maps + floats),
         }
 
     def estimate(self, partition: int) -> dict[str, Any]:
@@ -428,6 +433,7 @@ def plan_segment(cube: str | Path, config: SegmentConfig) -> SegmentPlan:
         threads=config.threads,
         net=net.to_dict(),
         inference=path.to_dict(),
+        nodata=json.loads(ds.attrs.get("planetseg:plan") or "{}").get("nodata"),
     )
 
 
@@ -538,7 +544,7 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     """
     import torch
 
-    from planetseg.evaluate import predict_logits
+    from planetseg.evaluate import padded_to_divisor
 
     torch.set_num_threads(plan.threads)
     net, card = worker_model(plan.model, plan.digest, plan.path)
@@ -553,20 +559,19 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     region = _cube_guard(plan.cube).read(
         "image", (plan.times[t_pos], slice(None), slice(ya, yb), slice(xa, xb))
     )
-    region, missing = _fill_missing(region, card["normalisation"]["mean"])
+    region, missing = _fill_missing(region, card["normalisation"]["mean"], plan.nodata)
     window = torch.from_numpy(region[None])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
-    logits = predict_logits(net, (window - mean) / std, tile=None)
-    core = logits[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
-    prob = torch.softmax(core, dim=0)
-    confidence, labels = prob.max(dim=0)
-    outputs = {"labels": labels.to(torch.uint8), "confidence": _quantised(confidence)}
-    # A store made before the crater probability existed is resumed without it.
-    if plan.crater_values and (Path(out) / CRATER_PROBABILITY).is_dir():
-        outputs[CRATER_PROBABILITY] = _quantised(prob[plan.crater_values].sum(dim=0))
+    # The crater probability is left out of a store made before it existed (resumed as is).
+    craters = plan.crater_values if (Path(out) / CRATER_PROBABILITY).is_dir() else []
+    window = padded_to_divisor((window - mean) / std, net.config.divisor)
+    maps = net.products(window, tuple(craters), CONFIDENCE_STEPS)
+    cy, cx = slice((y0 - ya) * s, (y1 - ya) * s), slice((x0 - xa) * s, (x1 - xa) * s)
+    names = ("labels", "confidence", CRATER_PROBABILITY)
+    outputs = {name: m[0, cy, cx] for name, m in zip(names, maps, strict=False)}
     arrays = {name: open_for_writing(out, name) for name in outputs}
-    values = {name: v.cpu().numpy() for name, v in outputs.items()}
+    values = {name: v.numpy() for name, v in outputs.items()}
     if missing is not None:
         unknown = missing[y0 - ya : y1 - ya, x0 - xa : x1 - xa].repeat(s, 0).repeat(s, 1)
         for name, array in values.items():
@@ -582,31 +587,33 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     return ix1 - ix0
 
 
-def _fill_missing(region: Any, mean: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
+def _fill_missing(
+    region: Any, mean: Sequence[float], nodata: float | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The window as float32 with its missing values filled, and which pixels miss one.
 
-    A float cube's nodata is NaN (e.g. outside the footprint of an epoch appended onto the
-    cube's grid): fed to the network it would spread through every convolution into the valid
-    pixels around it. Missing values get their band's normalisation mean (0 once normalised),
-    and the pixels are marked (``NO_DATA`` confidence) in the output.
+    A value is missing where it is NaN (a float cube's nodata, e.g. outside the footprint of an
+    epoch appended onto the cube's grid), and a pixel where it holds the cube's declared
+    ``nodata`` in every band (compared as stored). Fed to the network they would spread
+    through every convolution into the valid pixels around them: they get their band's
+    normalisation mean (0 once normalised), and the pixels are marked (``NO_DATA``
+    confidence) in the output.
 
     Returns:
-        ``(bands, y, x)`` float32, and the ``(y, x)`` mask of pixels with a band missing (None
-        when there is none).
+        ``(bands, y, x)`` float32, and the ``(y, x)`` mask of pixels with a value missing
+        (None when there is none).
     """
-    region = np.asarray(region, dtype=np.float32)
-    finite = np.isfinite(region)
-    if finite.all():
+    region = np.asarray(region)
+    declared = nodata is not None and not math.isnan(nodata)
+    unset = (region == nodata).all(axis=0) if declared else None
+    region = region.astype(np.float32, copy=False)
+    valid = np.isfinite(region)
+    if unset is not None:
+        valid &= ~unset
+    if valid.all():
         return region, None
-    filled = np.where(finite, region, np.asarray(mean, np.float32)[:, None, None])
-    return filled, ~finite.all(axis=0)
-
-
-def _quantised(probability: Any) -> Any:
-    """A probability map (torch) as the store's uint8 steps of 1/CONFIDENCE_STEPS."""
-    import torch
-
-    return torch.round(probability.clamp(0, 1) * CONFIDENCE_STEPS).to(torch.uint8)
+    filled = np.where(valid, region, np.asarray(mean, np.float32)[:, None, None])
+    return filled, ~valid.all(axis=0)
 
 
 # --------------------------------------------------------------------------- the driver side

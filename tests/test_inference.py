@@ -26,6 +26,7 @@ from planetseg.model.inference import (
     cpu_flags,
     keep_freed_memory,
     openvino_cache,
+    pixel_products,
     this_hardware,
     visible_gpus,
 )
@@ -152,6 +153,32 @@ def test_openvino_computes_the_same_function_at_any_window_size() -> None:
             kept = out.clone()
             fp32(torch.randn(*shape))  # the request's output buffer is reused: out is a copy
             assert torch.equal(out, kept)
+
+
+def test_products_are_those_of_the_logits_on_every_path() -> None:
+    """segment's uint8 maps: torch computes them from its logits; OpenVINO inside its graph
+    (no float logits leave it), the same maps but for float rounding."""
+    torch.manual_seed(2)
+    net = fuse_for_inference(SegmentationNet(NetConfig(2, 4, 2, 8, 2, 8)).eval())
+    x = torch.randn(2, 2, 40, 72)
+    with torch.inference_mode():
+        reference = InferenceNet(net, InferencePath())
+        want = pixel_products(reference(x), (1, 3), 254)
+        assert [m.dtype for m in want] == [torch.uint8] * 3 and want[0].shape == (2, 80, 144)
+        prob = torch.softmax(reference(x), 1)
+        assert torch.equal(want[0], prob.argmax(1).to(torch.uint8))
+        assert torch.equal(want[2], torch.round((prob[:, 1] + prob[:, 3]) * 254).to(torch.uint8))
+        for m, w in zip(reference.products(x, (1, 3), 254), want, strict=True):
+            assert torch.equal(m, w)
+        openvino = InferenceNet(net, InferencePath("fp32", backend="openvino"))
+        labels, confidence, craters = openvino.products(x, (1, 3), 254)
+        assert labels.dtype == torch.uint8 and labels.shape == want[0].shape
+        assert (labels == want[0]).float().mean() > 0.999
+        for got, w in ((confidence, want[1]), (craters, want[2])):
+            assert (got.int() - w.int()).abs().max() <= 1
+        # without crater classes, two maps; a second head is a model of its own
+        assert len(openvino.products(x, (), 254)) == 2
+        torch.testing.assert_close(openvino(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
 def test_openvino_conversions_are_kept_and_a_read_only_cache_only_costs_time(

@@ -349,9 +349,9 @@ def crop_item(item: dict[str, Any], window: Window, out: Path, **props: Any) -> 
     return crop
 
 
-@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize(("dtype", "declared"), [(None, False), ("float32", False), (None, True)])
 def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
-    world: dict[str, Path], dtype: str | None, tmp_path: Path
+    world: dict[str, Path], dtype: str | None, declared: bool, tmp_path: Path
 ) -> None:
     # The cube: two epochs of the 256 px world's north-west 192 x 192 px, tiles of 64 px.
     # Epoch 3: a crop from row 80 and column 100 to the scene's edge, so it covers part of
@@ -361,6 +361,11 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     cube_window, third_window = Window(0, 0, 192, 192), Window(100, 80, 156, 176)
     first = [crop_item(it, cube_window, tmp_path / "crops") for it in items[:2]]
     third = crop_item(items[2], third_window, tmp_path / "crops")
+    nodata = None
+    if declared:  # the items declare a nodata value, one the new epoch holds: the cube's fill
+        nodata = int(read_band(Path(third["assets"]["image"]["href"]))[5, 5])
+        for item in (*first, third):
+            item["assets"]["image"].setdefault("raster:bands", [{}])[0]["nodata"] = nodata
     store = tmp_path / "cube.zarr"
     config = IngestConfig(out=str(store), labels="labels", tile=64, dtype=dtype)
     made = ingest(first, config)
@@ -380,8 +385,9 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     for var, asset in (("image", "image"), ("labels", "labels")):
         got = cube[var].isel(time=2).values.squeeze()
         # Direct read: the item's file on the cube's grid (its window of it), nodata elsewhere:
-        # the cube's fill, as no nodata is declared (0 for integers, NaN for floats).
-        want = np.full((192, 192), np.nan if got.dtype.kind == "f" else 0, got.dtype)
+        # the declared nodata, else the cube's fill (0 for integers, NaN for floats).
+        fill = np.nan if got.dtype.kind == "f" else 0
+        want = np.full((192, 192), fill if nodata is None or var == "labels" else nodata, got.dtype)
         want[80:, 100:] = read_band(Path(third["assets"][asset]["href"]))[: 192 - 80, : 192 - 100]
         np.testing.assert_array_equal(got, want)
     # Earlier epochs read as before.
@@ -398,11 +404,15 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     assert (segmented.computed, segmented.kept) == (segmented.plan.n_tiles, 0)
     group = zarr.open_group(str(out), mode="r")
     confidence, s = group["confidence"][2], segmented.plan.scale
-    # Pixels without input (a float cube's NaN) are marked as such, and do not spread into
-    # the others: every pixel of the footprint has a softmax maximum, at least 1 / classes.
+    # Pixels without input (a float cube's NaN, a declared nodata) are marked as such, and do
+    # not spread into the others: every pixel of the footprint has a softmax maximum, at least
+    # 1 / classes.
     covered = np.zeros((192, 192), bool)
     covered[80:, 100:] = True
-    if dtype is None:
+    if nodata is not None:  # the item's own nodata pixels are missing too
+        covered &= cube["image"].isel(time=2, band=0).values != nodata
+        assert (~covered[80:, 100:]).any()
+    elif dtype is None:
         covered[:] = True  # 0 is a pixel value to the model: every pixel is segmented
     unknown = ~covered.repeat(s, 0).repeat(s, 1)
     assert (confidence[unknown] == NO_DATA).all()

@@ -61,6 +61,9 @@ from torch import nn
 from planetseg.config import PRECISIONS
 from planetseg.errors import InvalidArgumentError
 
+#: The recipe of :func:`_openvino_model`'s conversion, part of its cache key: bump it when
+#: the recipe changes, so that no process reads a model converted the old way.
+_CONVERSION = 2
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: CPU flags (``/proc/cpuinfo``) printed by the benchmark and read by :func:`choose_path`.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -172,8 +175,51 @@ def choose_path(precision: str, hardware: Hardware) -> InferencePath:
     return InferencePath(precision, True, device)
 
 
+def pixel_products(
+    logits: torch.Tensor, crater_channels: tuple[int, ...], steps: int
+) -> tuple[torch.Tensor, ...]:
+    """What segment keeps of each pixel's logits, as uint8 maps.
+
+    Args:
+        logits: (B, classes, H, W) float logits.
+        crater_channels: Classes whose softmax probabilities are summed into a crater
+            probability (none: no such map).
+        steps: Probabilities are stored as round(p * steps), 0..steps.
+
+    Returns:
+        (B, H, W) uint8 each: the winning class, its softmax probability (the confidence)
+        and, with ``crater_channels``, their summed probability.
+    """
+    prob = torch.softmax(logits, dim=1)
+    confidence, labels = prob.max(dim=1)
+    out = (labels.to(torch.uint8), _quantise(confidence, steps))
+    if crater_channels:
+        out += (_quantise(prob[:, list(crater_channels)].sum(dim=1), steps),)
+    return out
+
+
+def _quantise(probability: torch.Tensor, steps: int) -> torch.Tensor:
+    return torch.round(probability.clamp(0, 1) * steps).to(torch.uint8)
+
+
+class _WithProducts(nn.Module):
+    """A network followed by :func:`pixel_products`: one graph for a compiler to fuse."""
+
+    def __init__(self, net: nn.Module, crater_channels: tuple[int, ...], steps: int) -> None:
+        super().__init__()
+        self.config = net.config
+        self.net = net
+        self.head = (crater_channels, steps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return pixel_products(self.net(x), *self.head)
+
+
 class InferenceNet(nn.Module):
-    """A segmentation network run on an :class:`InferencePath`, float32 in and out.
+    """A segmentation network run on an :class:`InferencePath`, float32 in.
+
+    Called, it returns float32 logits; :meth:`products` returns segment's uint8 maps, which an
+    OpenVINO path computes inside the compiled graph (no float logits leave it).
 
     Attributes:
         config: The wrapped network's :class:`~planetseg.model.NetConfig`.
@@ -186,18 +232,15 @@ class InferenceNet(nn.Module):
         self.path = path
         net = net.to(device)
         self.net = net.to(memory_format=torch.channels_last) if path.channels_last else net
-        self.compiled = _openvino(net, path) if path.backend == "openvino" else None
+        # OpenVINO: one compiled model per head (None: the logits), compiled when first used.
+        self._compiled: dict[Any, Any] = {}
+        self._lock = threading.Lock()
         self._requests = threading.local()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, bands, h, w) float32 -> (B, classes, s*h, s*w) float32 logits (contiguous)."""
-        if self.compiled is not None:
-            # One infer request per thread: a worker's threads may run tasks at once.
-            request = getattr(self._requests, "request", None)
-            if request is None:
-                request = self._requests.request = self.compiled.create_infer_request()
-            out = request.infer({0: x.float().contiguous().numpy()})[0]
-            return torch.from_numpy(out.copy())  # the request reuses its output buffer
+        if self.path.backend == "openvino":
+            return torch.from_numpy(self._infer(None, x)[0])
         device = next(self.net.parameters()).device
         x = x.to(device)
         if self.path.channels_last:
@@ -208,6 +251,29 @@ class InferenceNet(nn.Module):
             with torch.autocast(device.type, dtype=_DTYPES[self.path.precision]):
                 out = self.net(x)
         return out.float().contiguous()
+
+    def products(
+        self, x: torch.Tensor, crater_channels: tuple[int, ...] = (), steps: int = 254
+    ) -> tuple[torch.Tensor, ...]:
+        """(B, bands, h, w) float32 -> :func:`pixel_products` of the logits (CPU tensors)."""
+        if self.path.backend == "openvino":
+            head = (tuple(crater_channels), steps)
+            return tuple(torch.from_numpy(a) for a in self._infer(head, x))
+        with torch.no_grad():
+            return tuple(t.cpu() for t in pixel_products(self(x), tuple(crater_channels), steps))
+
+    def _infer(self, head: Any, x: torch.Tensor) -> list[Any]:
+        """The OpenVINO model of ``head`` on ``x``: its outputs, as numpy arrays of their own."""
+        with self._lock:
+            if head not in self._compiled:
+                net = self.net if head is None else _WithProducts(self.net, *head)
+                self._compiled[head] = _openvino(net, self.path)
+        # One infer request per thread and head: a worker's threads may run tasks at once.
+        requests = self._requests.__dict__.setdefault("by_head", {})
+        if head not in requests:
+            requests[head] = self._compiled[head].create_infer_request()
+        result = requests[head].infer({0: x.float().contiguous().numpy()})
+        return [result[k].copy() for k in range(len(result))]  # the request reuses its buffers
 
 
 @functools.cache
@@ -235,11 +301,17 @@ def openvino_cache() -> Path:
 def _openvino_model(ov: Any, net: nn.Module) -> Any:
     """``net`` as an OpenVINO model (dynamic batch, height and width), converted once.
 
-    The conversion (about 2 s) is kept in :func:`openvino_cache` under a digest of the
-    network's shape and weights, written whole or not at all, and read back by the next
-    worker process. A cache that cannot be written only costs the conversion.
+    torch's ``pixel_shuffle`` becomes OpenVINO's ``DepthToSpace`` (the same permutation, one
+    kernel: the converter's own reshape-transpose-reshape, with the layout changes around it,
+    took 20 % of a window's time on an AVX-512 Xeon). The conversion (about 2 s) is kept in
+    :func:`openvino_cache` under a digest of the network's shape, head and weights, written
+    whole or not at all, and read back by the next worker process. A cache that cannot be
+    written only costs the conversion.
     """
-    digest = hashlib.sha256(repr(net.config).encode())
+    from openvino.frontend.pytorch import ConversionExtension
+
+    head = getattr(net, "head", None)
+    digest = hashlib.sha256(f"{_CONVERSION} {net.config!r} {head!r}".encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -248,11 +320,17 @@ def _openvino_model(ov: Any, net: nn.Module) -> Any:
         return _openvino_core(ov).read_model(str(xml))
     bands = net.config.in_bands
     side = 4 * net.config.divisor  # a small example: the model takes any h and w
+
+    def depth_to_space(node: Any) -> list[Any]:
+        factor = int(node.get_values_from_const_input(1))
+        return [ov.opset13.depth_to_space(node.get_input(0), "depth_first", factor).output(0)]
+
     with torch.no_grad():
         model = ov.convert_model(
             net.eval(),
             example_input=torch.zeros(1, bands, side, side),
             input=[ov.PartialShape([-1, bands, -1, -1])],
+            extension=[ConversionExtension("aten::pixel_shuffle", depth_to_space)],
         )
     try:
         xml.parent.mkdir(parents=True, exist_ok=True)

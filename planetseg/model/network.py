@@ -232,7 +232,8 @@ def fuse_for_inference(net: SegmentationNet) -> SegmentationNet:
 
     In eval mode a BatchNorm is an affine map per channel, so it folds exactly into the
     preceding convolution's weights and bias: the same function (up to float rounding) with
-    one pass over the activations less per block. Segmentation at scale runs this copy.
+    one pass over the activations less per block. The ReLU after a pixel shuffle moves
+    before it, where it fuses into the convolution. Segmentation at scale runs this copy.
     """
     import copy
 
@@ -247,4 +248,8 @@ def fuse_for_inference(net: SegmentationNet) -> SegmentationNet:
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 module[i] = fuse_conv_bn_eval(conv, bn)
                 module[i + 1] = nn.Identity()
+            elif isinstance(conv, nn.PixelShuffle) and isinstance(bn, nn.ReLU):
+                # An elementwise map commutes with the shuffle's permutation: applied first,
+                # it fuses into the convolution before (exactly the same values).
+                module[i], module[i + 1] = bn, conv
     return fused
