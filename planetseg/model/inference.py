@@ -308,8 +308,13 @@ def _openvino_model(ov: Any, net: nn.Module) -> Any:
     whole or not at all, and read back by the next worker process. A cache that cannot be
     written only costs the conversion.
     """
-    from openvino.frontend.pytorch import ConversionExtension
-
+    try:
+        from openvino.frontend.pytorch import ConversionExtension
+    except ImportError as exc:  # an OpenVINO built without its PyTorch frontend
+        raise InvalidArgumentError(
+            "this OpenVINO cannot convert PyTorch models: pip install 'planetseg[openvino]', "
+            "or use --precision fp32"
+        ) from exc
     head = getattr(net, "head", None)
     digest = hashlib.sha256(f"{_CONVERSION} {net.config!r} {head!r}".encode())
     for name, tensor in net.state_dict().items():
