@@ -344,6 +344,10 @@ def ingest(
     ] = None,
     groupby: Annotated[str, typer.Option(help="day, time, id or solar_day (Earth).")] = "day",
     dtype: Annotated[str | None, typer.Option(help="Image dtype; default: the assets'.")] = None,
+    nodata: Annotated[
+        float | None,
+        typer.Option(help="Image nodata value (missing to segment); default: the assets'."),
+    ] = None,
     engine: Annotated[str, typer.Option(help="Loader: odc (any CRS) or stackstac (EPSG).")] = "odc",
     labels: Annotated[
         str | None,
@@ -377,6 +381,7 @@ def ingest(
         bands=tuple(b for b in (bands or "").split(",") if b),
         groupby=groupby,  # type: ignore[arg-type]
         dtype=dtype,
+        nodata=nodata,
         engine=engine,
         resampling=resampling,
         labels=labels,

@@ -142,6 +142,11 @@ class IngestConfig:
         groupby: Time steps: ``day`` (UTC day), ``time`` (exact datetime), ``id`` (one step per
             item) or ``solar_day`` (Earth only). Items of one step are mosaicked.
         dtype: Image dtype; None for the assets' own.
+        nodata: The image's nodata value; None for the assets' own (declared in their
+            ``raster:bands``), if any. Pixels outside the items' footprints get it, and
+            pixels holding it in every band are missing to ``segment``. An integer cube
+            without one fills them with 0, a pixel value like any other: give one that the
+            data never takes.
         engine: Loader: ``odc`` (any CRS) or ``stackstac`` (EPSG Earth items).
         resampling: Image resampling when the grid differs from the native one (a rasterio
             ``Resampling`` name).
@@ -165,6 +170,7 @@ class IngestConfig:
     bands: tuple[str, ...] = ()
     groupby: Literal["day", "time", "id", "solar_day"] = "day"
     dtype: str | None = None
+    nodata: float | None = None
     engine: Literal["odc", "stackstac"] = "odc"
     resampling: str = "nearest"
     labels: str | None = None
@@ -194,6 +200,8 @@ class IngestConfig:
         _one_of("--engine", self.engine, ENGINES)
         if self.dtype is not None:
             _check_dtype(self.dtype)
+        if self.nodata is not None:
+            _require(math.isfinite(self.nodata), "--nodata", self.nodata, "give a finite value")
         _check_resampling(self.resampling)
         _optional_int_at_least("batch_tiles", self.batch_tiles, 1, "give at least 1 tile")
         _int_at_least("read_block", self.read_block, 0, "give a block side >= 0 px")

@@ -13,6 +13,8 @@ Store layout (zarr v3, written through xarray, readable by rioxarray)::
 
     image(time, band, y, x)   chunks (1, all bands, T, T)
     labels(time, y, x) or labels(y, x)   uint8, optional
+    valid(time, y, x)         uint8, integer cubes without nodata: 1 where an item covers
+                              the pixel (see COVERAGE; chunks only where one does not)
     spatial_ref               CF grid mapping: the CRS as WKT2 (IAU CRSs included)
     x, y                      pixel centres; time: one step per acquisition group
 
@@ -141,6 +143,9 @@ class CubePlan:
         label_field: Class column of ``label_source``.
         fill_missing: Whether unreadable assets were dropped (with a warning).
         read_block: Pixels per side read at once (rounded down to whole tiles).
+        coverage: Whether the cube has a :data:`COVERAGE` array: an integer cube without a
+            nodata value cannot tell its fill (0) from a pixel value, so which pixels an item
+            covers is kept beside it (cubes made before it existed have none).
     """
 
     crs_wkt: str
@@ -158,6 +163,7 @@ class CubePlan:
     label_field: str = "class"
     fill_missing: bool = False
     read_block: int = 0
+    coverage: bool = False
 
     @property
     def block(self) -> int:
@@ -399,7 +405,29 @@ def plan_ingest(
         label_field=config.label_field,
         fill_missing=config.fill_missing,
         read_block=config.read_block,
+        coverage=_widened(dtype, nodata) is not None,
     )
+
+
+#: The array of an integer cube without nodata that says which pixels its items cover:
+#: ``valid(time, y, x)`` uint8, 1 covered, 0 not (the image holds 0 there). Its fill is 1 and
+#: only tiles with an uncovered pixel have a chunk, so a cube that its items cover costs
+#: nothing more.
+COVERAGE = "valid"
+
+
+def _widened(dtype: str, nodata: float | None) -> tuple[str, int] | None:
+    """A wider integer dtype for reading ``dtype``, and a value outside ``dtype``'s range.
+
+    Read so, the pixels no item covers hold that value, none of the items' own can: how the
+    :data:`COVERAGE` of a cube without nodata is told. None when the cube needs no coverage
+    (a float cube, whose fill is NaN, or one with nodata) or there is no wider dtype (64-bit).
+    """
+    kind, size = np.dtype(dtype).kind, np.dtype(dtype).itemsize
+    if nodata is not None or kind not in "iu" or size > 4:
+        return None
+    wide = f"int{2 * 8 * size}"
+    return wide, int(np.iinfo(dtype).min) - 1
 
 
 def _cube_crs(items: Sequence[Item], crss: list[str], config: IngestConfig, cube: CubePlan) -> Any:
@@ -458,7 +486,8 @@ def _block_shape(plan: CubePlan) -> tuple[int, int]:
 
 def task_bytes(plan: CubePlan) -> int:
     """Memory a task needs, about: ``BLOCK_COPIES`` copies of one read block of every band."""
-    itemsize = np.dtype(plan.dtype).itemsize
+    wide = _widened(plan.dtype, plan.nodata) if plan.coverage else None
+    itemsize = np.dtype(wide[0] if wide else plan.dtype).itemsize
     labels = 1 if plan.label_asset or plan.label_source else 0
     h, w = _block_shape(plan)
     return h * w * (len(plan.bands) * itemsize + labels) * BLOCK_COPIES
@@ -533,8 +562,17 @@ def _dtype_nodata(item: Item, asset: str, config: IngestConfig) -> tuple[str, fl
             f"asset {asset!r} of item {item['id']!r} has data_type {dtype!r}, not a numpy "
             "dtype: give the cube's with --dtype"
         ) from None
-    nodata = bands[0].get("nodata")
-    return dtype, (float(nodata) if nodata is not None else None)
+    nodata = config.nodata if config.nodata is not None else bands[0].get("nodata")
+    if nodata is None:
+        return dtype, None
+    if np.dtype(dtype).kind in "iu" and not (
+        float(nodata).is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max
+    ):
+        raise InvalidArgumentError(
+            f"nodata {nodata:g} is not a {dtype} value: give --nodata a value of the cube's "
+            "dtype, or a --dtype that holds it"
+        )
+    return dtype, float(nodata)
 
 
 def _native_resolution(
@@ -765,6 +803,12 @@ def _template(plan: CubePlan, times: Sequence[TimeStep], *, static_labels: bool)
             da.zeros((h, w), dtype="uint8", chunks=-1),
             {"grid_mapping": "spatial_ref"},
         )
+    if plan.coverage:
+        data[COVERAGE] = (
+            ("time", "y", "x"),
+            da.ones((len(times), h, w), dtype="uint8", chunks=-1),
+            {"grid_mapping": "spatial_ref", "long_name": "pixel covered by an item (1) or not"},
+        )
     ds = xr.Dataset(data, coords=coords)
     ds["x"].attrs.update(standard_name="projection_x_coordinate", axis="X")
     ds["y"].attrs.update(standard_name="projection_y_coordinate", axis="Y")
@@ -790,6 +834,8 @@ def _encoding(plan: CubePlan, ds: Any) -> dict[str, Any]:
     if "labels" in ds:
         chunks = (t, t) if ds["labels"].dims == ("y", "x") else (1, t, t)
         enc["labels"] = {"chunks": chunks, "fill_value": 0}
+    if COVERAGE in ds:
+        enc[COVERAGE] = {"chunks": (1, t, t), "fill_value": 1}
     return enc
 
 
@@ -861,6 +907,7 @@ def _write_block(
     labels: np.ndarray | None,
     *,
     whole: bool = False,
+    valid: np.ndarray | None = None,
 ) -> int:
     """Write tiles out of one block read at pixel ``origin``, then mark them.
 
@@ -868,7 +915,9 @@ def _write_block(
     touched only after its tile's chunks are written, so a kill never marks a tile done early.
     Every chunk is written, all-fill ones too, so a missing chunk is always lost data. With
     ``whole`` (``tiles`` are all the block's) the block is written in one call, which lets zarr
-    encode and store its chunks together, and the markers follow it.
+    encode and store its chunks together, and the markers follow it. ``valid`` (the block's
+    :data:`COVERAGE`) is written only in the tiles that have an uncovered pixel, before the
+    image's.
 
     Returns:
         The number of tiles written.
@@ -876,6 +925,13 @@ def _write_block(
     y0, x0 = origin
     image_out = open_for_writing(store, "image") if image is not None else None
     labels_out = open_for_writing(store, "labels") if labels is not None else None
+    if valid is not None and not valid.all():
+        valid_out = open_for_writing(store, COVERAGE)
+        for iy, ix in tiles:
+            ys, xs = slice(iy * tile, (iy + 1) * tile), slice(ix * tile, (ix + 1) * tile)
+            part = valid[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+            if not part.all():
+                valid_out[t, ys, xs] = part
     marks = progress_dir(Path(store))
     # Each write: the cube's rows and columns, and the tiles it completes.
     if whole:
@@ -1002,6 +1058,11 @@ def ingest(
     new_times = plan.times
     if old is not None:
         _check_same_cube(store, old, plan)
+        if config.nodata is not None and config.nodata != old.nodata:
+            raise StoreMismatchError(
+                f"{store} holds a cube with nodata {old.nodata}, not {config.nodata:g}: leave "
+                "--nodata out to add to it, or choose another --out"
+            )
         known = set(state.keys)
         new_times = tuple(t for t in plan.times if t.key not in known)
         if new_times and not state.complete:
@@ -1035,11 +1096,19 @@ def ingest(
         # A complete store that lost chunks: rewrite their tiles, marked unfinished meanwhile.
         logger.warning("%s: %d tile(s) lost chunks: rewriting them", store, len(lost))
         set_attrs(store, **{"planetseg:complete": False})
+    sources = BlockSources.of(plan, by_id, config.engine)
+    if (
+        new_times
+        and plan.nodata is None
+        and not plan.coverage
+        and np.dtype(plan.dtype).kind in "iu"
+    ):
+        _warn_uncovered(plan, by_id, new_times)  # 64-bit, or a cube made before COVERAGE
     written, skipped = _execute(
         store,
         tasks,
         todo,
-        BlockSources.of(plan, by_id, config.engine),
+        sources,
         done=state.done,
         lost=lost,
         client=client,
@@ -1059,6 +1128,44 @@ def ingest(
     appended = tuple(s.key for s in new_times) if existed else ()
     logger.info("%s: %d tiles written, %d already there", store, written, skipped)
     return IngestResult(store, plan, written, skipped, appended, tuple(filled))
+
+
+def _warn_uncovered(plan: CubePlan, items: dict[str, Item], steps: Sequence[TimeStep]) -> None:
+    """Warn of time steps whose items leave part of an integer cube without nodata uncovered.
+
+    Their pixels there are 0, and 0 is a pixel value like any other to ``segment`` (it would
+    label them as data): the fix is a nodata value (``--nodata``) or a float cube (NaN).
+    Footprints are the items' grids (their lon/lat bbox when in another CRS).
+    """
+    import shapely
+    from pyproj import Transformer
+
+    from planetseg.bodies import body_of_crs
+
+    target = parse_crs(plan.crs_wkt)
+    to_target = Transformer.from_crs(body_of_crs(target).crs, target, always_xy=True)
+    asset = plan.bands[0].asset
+    grid = shapely.box(*plan.bounds)
+    short = []
+    for step in steps:
+        fps = [
+            _footprint(items[i], _item_crs(items[i], asset), asset, target, to_target)
+            for i in step.item_ids
+        ]
+        if not fps or None in fps:
+            continue  # an item of unknown extent: nothing to tell
+        covered = shapely.union_all([shapely.box(*fp[:4]) for fp in fps]).intersection(grid).area
+        if covered < grid.area * (1 - 1e-9):
+            short.append(f"{step.key} ({100 * covered / grid.area:.1f} %)")
+    if short:
+        warnings.warn(
+            f"time step(s) {', '.join(short[:5])}{' ...' if len(short) > 5 else ''} do not "
+            f"cover the whole cube: outside their items the {plan.dtype} cube holds 0, which "
+            "segment takes as data; ingest into a cube with --nodata (a value the data never "
+            "takes) or --dtype float32 (NaN) to have those pixels marked missing",
+            PlanetsegWarning,
+            stacklevel=3,
+        )
 
 
 def _check_same_cube(store: Path, old: CubePlan, new: CubePlan) -> None:
@@ -1451,10 +1558,20 @@ def ingest_block(tasks: BlockTasks, index: int, store: str, sources: BlockSource
             labels[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
         return _write_block(store, None, origin, tiles, size, None, labels, whole=whole)
     loader = get_loader(sources.engine)
+    # An integer cube without nodata is read wider, its fill out of the data's range: the
+    # pixels that keep it are those no item covers (its COVERAGE); the image holds 0 there.
+    wide = _widened(plan.dtype, plan.nodata) if plan.coverage else None
+    read_as = replace(plan, dtype=wide[0], nodata=wide[1]) if wide else plan
     with datasets_kept_open(sources.run):
-        image, labels = loader.read_block(sources.meeting(t, plan, (ys, xs)), plan, (ys, xs))
+        image, labels = loader.read_block(sources.meeting(t, plan, (ys, xs)), read_as, (ys, xs))
+    valid = None
+    if wide:
+        valid = (image != wide[1]).all(axis=0)
+        image = (image if valid.all() else np.where(valid, image, 0)).astype(plan.dtype)
     block_labels = labels[None] if labels is not None else None
-    return _write_block(store, t, origin, tiles, plan.tile, image[None], block_labels, whole=whole)
+    return _write_block(
+        store, t, origin, tiles, plan.tile, image[None], block_labels, whole=whole, valid=valid
+    )
 
 
 #: Tasks kept in flight per worker thread: one running, one queued behind it.

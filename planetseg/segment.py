@@ -559,7 +559,8 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     region = _cube_guard(plan.cube).read(
         "image", (plan.times[t_pos], slice(None), slice(ya, yb), slice(xa, xb))
     )
-    region, missing = _fill_missing(region, card["normalisation"]["mean"], plan.nodata)
+    covered = _coverage(plan.cube, (plan.times[t_pos], slice(ya, yb), slice(xa, xb)))
+    region, missing = _fill_missing(region, card["normalisation"]["mean"], plan.nodata, covered)
     window = torch.from_numpy(region[None])
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
@@ -587,14 +588,33 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     return ix1 - ix0
 
 
+def _coverage(cube: str, where: tuple[Any, ...]) -> np.ndarray | None:
+    """Which pixels of ``where`` an item covers, for a cube that keeps it (else None).
+
+    See :data:`planetseg.ingest.COVERAGE`: an integer cube without nodata, whose fill (0)
+    is a pixel value.
+    """
+    import zarr
+
+    from planetseg.ingest import COVERAGE
+
+    if not (Path(cube) / COVERAGE).is_dir():
+        return None
+    return zarr.open_array(cube, path=COVERAGE, mode="r")[where].astype(bool)
+
+
 def _fill_missing(
-    region: Any, mean: Sequence[float], nodata: float | None = None
+    region: Any,
+    mean: Sequence[float],
+    nodata: float | None = None,
+    covered: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The window as float32 with its missing values filled, and which pixels miss one.
 
     A value is missing where it is NaN (a float cube's nodata, e.g. outside the footprint of an
     epoch appended onto the cube's grid), and a pixel where it holds the cube's declared
-    ``nodata`` in every band (compared as stored). Fed to the network they would spread
+    ``nodata`` in every band (compared as stored) or where ``covered`` (an integer cube's
+    coverage, without nodata) is False. Fed to the network they would spread
     through every convolution into the valid pixels around them: they get their band's
     normalisation mean (0 once normalised), and the pixels are marked (``NO_DATA``
     confidence) in the output.
@@ -610,6 +630,8 @@ def _fill_missing(
     valid = np.isfinite(region)
     if unset is not None:
         valid &= ~unset
+    if covered is not None:
+        valid &= covered
     if valid.all():
         return region, None
     filled = np.where(valid, region, np.asarray(mean, np.float32)[:, None, None])

@@ -66,6 +66,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "engine": (str, False),
         "labels": (_PATH, False),
         "fill_missing": (bool, False),
+        "nodata": ((int, float), False),
     },
     "ingest": {},
     "segment": {
@@ -358,6 +359,7 @@ class _Reader:
                 bands=get(cube, "bands"), groupby=get(cube, "groupby"),
                 resampling=get(cube, "resampling"), engine=get(cube, "engine"),
                 labels=self.resolve(get(cube, "labels")), fill_missing=get(cube, "fill_missing"),
+                nodata=_float(get(cube, "nodata")),
             )  # fmt: skip
         segment = None
         if "segment" in steps:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +350,9 @@ def crop_item(item: dict[str, Any], window: Window, out: Path, **props: Any) -> 
     return crop
 
 
-@pytest.mark.parametrize(("dtype", "declared"), [(None, False), ("float32", False), (None, True)])
+@pytest.mark.parametrize(
+    ("dtype", "declared"), [(None, False), ("float32", False), (None, True), ("int64", False)]
+)
 def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     world: dict[str, Path], dtype: str | None, declared: bool, tmp_path: Path
 ) -> None:
@@ -361,19 +364,28 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     cube_window, third_window = Window(0, 0, 192, 192), Window(100, 80, 156, 176)
     first = [crop_item(it, cube_window, tmp_path / "crops") for it in items[:2]]
     third = crop_item(items[2], third_window, tmp_path / "crops")
-    nodata = None
-    if declared:  # the items declare a nodata value, one the new epoch holds: the cube's fill
-        nodata = int(read_band(Path(third["assets"]["image"]["href"]))[5, 5])
-        for item in (*first, third):
-            item["assets"]["image"].setdefault("raster:bands", [{}])[0]["nodata"] = nodata
+    # --nodata: a value the new epoch holds, so that some of its own pixels are missing too
+    nodata = int(read_band(Path(third["assets"]["image"]["href"]))[5, 5]) if declared else None
     store = tmp_path / "cube.zarr"
-    config = IngestConfig(out=str(store), labels="labels", tile=64, dtype=dtype)
+    config = IngestConfig(out=str(store), labels="labels", tile=64, dtype=dtype, nodata=nodata)
     made = ingest(first, config)
     assert made.plan.shape == (192, 192)
     before = chunk_files(store)
     assert len(before) == 2 * 2 * 9
 
-    result = ingest([*first, third], config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ingest([*first, third], config)
+    # An integer cube without nodata keeps which pixels the items cover beside its image
+    # (only in the 8 tiles the third epoch does not cover whole); one without a wider dtype to
+    # tell them by (64-bit) cannot: a warning.
+    coverage = [p for p in (store / "valid").rglob("*") if p.is_file() and p.suffix != ".json"]
+    assert len(coverage) == (8 if dtype is None and not declared else 0)
+    uncovered = [str(w.message) for w in caught if "do not cover" in str(w.message)]
+    assert len(uncovered) == (dtype == "int64")
+    if uncovered:
+        assert f"{third['properties']['datetime'][:10]} (28.0 %)" in uncovered[0]
+        assert "--nodata" in uncovered[0]
     assert result.appended == (third["properties"]["datetime"][:10],)
     assert result.written == 9 and result.plan.shape == (192, 192)
     assert result.plan.transform == made.plan.transform  # the cube's grid, not the new union
@@ -412,12 +424,18 @@ def test_partially_overlapping_epoch_appends_onto_the_cube_grid(
     if nodata is not None:  # the item's own nodata pixels are missing too
         covered &= cube["image"].isel(time=2, band=0).values != nodata
         assert (~covered[80:, 100:]).any()
-    elif dtype is None:
+    elif dtype == "int64":
         covered[:] = True  # 0 is a pixel value to the model: every pixel is segmented
     unknown = ~covered.repeat(s, 0).repeat(s, 1)
     assert (confidence[unknown] == NO_DATA).all()
     assert confidence[~unknown].min() >= CONFIDENCE_STEPS // len(segmented.plan.classes)
     assert (group["labels"][2][unknown] == 0).all()
+    # Another nodata than the cube's, or one its dtype cannot hold, is refused.
+    with pytest.raises(StoreMismatchError, match="nodata"):
+        ingest([*first, third], replace(config, nodata=7 if nodata != 7 else 8))
+    if dtype is None:
+        with pytest.raises(InvalidArgumentError, match="--nodata"):
+            ingest(first, IngestConfig(out=str(tmp_path / "other.zarr"), tile=64, nodata=300))
 
 
 def warped_item(item: dict[str, Any], crs: str, out: Path) -> dict[str, Any]:
@@ -932,6 +950,7 @@ def test_fill_missing_completes_with_a_warning_and_nodata(
 # --------------------------------------------------------------------------- a real cluster
 
 
+@pytest.mark.slow
 def test_local_cluster_prints_dashboard_and_writes_the_same_cube(
     synthetic_world: Any, tmp_path: Path
 ) -> None:
