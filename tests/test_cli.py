@@ -121,6 +121,7 @@ def test_catalogs_lists_worlds_and_collections() -> None:
         assert word in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_as_a_workflow_and_is_idempotent(tmp_path: Path) -> None:
     import xarray as xr
 

@@ -311,6 +311,7 @@ def test_ingest_of_each_format_gives_the_files_pixels_in_its_bodys_crs(
         np.testing.assert_array_equal(cube["image"].isel(time=0, band=0).values, src.read(1))
 
 
+@pytest.mark.slow
 def test_cli_ingests_a_pds3_folder_and_refuses_mixed_bodies(tree: Path, tmp_path: Path) -> None:
     store = tmp_path / "pds3.zarr"
     proc = planetseg("ingest", str(tree / "mars" / "pds3"), "--out", str(store),

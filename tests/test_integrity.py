@@ -247,6 +247,7 @@ def test_stores_open_without_consolidation_warning(
 # --------------------------------------------------------------------------- info
 
 
+@pytest.mark.slow
 def test_info_on_each_kind(world: dict[str, Path], labels_store: Path, tmp_path: Path) -> None:
     proc = planetseg("info", str(world["hr"]), "--json", "--verify")
     assert proc.returncode == 0, proc.stderr

@@ -144,6 +144,7 @@ def test_craters_never_overwrites_the_reference(
     assert snapshot(tmp_path) == before  # no ref.items.ndjson, no ref.scores.json either
 
 
+@pytest.mark.slow
 def test_craters_replaces_its_own_catalog_only_with_overwrite(
     labels: Path, world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -265,6 +265,7 @@ def test_craters_in_blocks_equal_the_whole_grid(
         assert (got["diameter_px"] > 16).any()
 
 
+@pytest.mark.slow
 def test_cli_computes_on_a_cluster_of_its_own(
     crater_stores: dict[str, tuple[Path, int]],
     change_stores: dict[str, tuple[Path, int]],

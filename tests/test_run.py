@@ -189,6 +189,7 @@ def test_a_bad_workflow_is_one_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_segment_resumes_to_the_same_outputs(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -93,6 +93,7 @@ def test_local_cluster_equals_one_process(world: dict[str, Path], reference: Pat
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run(world: dict[str, Path], reference: Path) -> None:
     out = world["root"] / "killed-worker.zarr"
     config = SegmentConfig(out=str(out), model=str(world["model"]), batch=1, partition=2)
@@ -273,6 +274,7 @@ def test_dry_run_estimate_is_within_2x_of_a_tasks_measured_peak(
     assert 0.5 <= estimate / peak <= 2.0, (estimate, peak)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(world: dict[str, Path], tmp_path: Path) -> None:
     model = str(world["model"])
     lr = str(world["lr"])

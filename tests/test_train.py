@@ -206,6 +206,7 @@ def test_evaluate_reports_per_class_scores(small_cube: Path, tmp_path: Path) -> 
         assert np.abs(tiled - other).sum() / 2 <= 1e-4 * other.sum(), (tiled, other)
 
 
+@pytest.mark.slow
 def test_bad_training_input(small_cube: Path, tmp_path: Path) -> None:
     nolabels = tmp_path / "nolabels.zarr"
     world = synthesize(tmp_path / "w", config=SynthConfig(size=128))
@@ -256,6 +257,7 @@ def two_process_run(small_cube: Path, tmp_path_factory: pytest.TempPathFactory) 
     return run
 
 
+@pytest.mark.slow
 def test_torchrun_equals_nproc(small_cube: Path, two_process_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "torchrun"
     proc = subprocess.run(
@@ -403,6 +405,7 @@ def other_cubes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return cubes
 
 
+@pytest.mark.slow
 def test_training_on_two_cubes_of_one_body(
     small_cube: Path, other_cubes: dict[str, Path], tmp_path: Path
 ) -> None:
