@@ -28,6 +28,8 @@
   returns contiguous float32 tensors (every caller stays the same).
   An OpenVINO path converts the network once (about 2 s; kept in :func:`openvino_cache`
   for the next process) and takes any window size (dynamic batch, height and width).
+  :meth:`InferenceNet.products` gives segment's uint8 maps (:func:`pixel_products`); on
+  OpenVINO they are computed inside the compiled graph, no float logits copied out.
 * :func:`worker_device` picks the GPU of a Dask worker: dask-cuda and SLURM both give a worker
   ``CUDA_VISIBLE_DEVICES``; a worker claims the first device of its list that no other worker
   process of the same job on the node holds (a lock file each), so N workers of an N-GPU job
