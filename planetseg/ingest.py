@@ -416,6 +416,11 @@ def plan_ingest(
 COVERAGE = "valid"
 
 
+def _coverage_read(plan: CubePlan) -> tuple[str, int] | None:
+    """How a block of ``plan``'s cube is read: :func:`_widened`, for a cube with coverage."""
+    return _widened(plan.dtype, plan.nodata) if plan.coverage else None
+
+
 def _widened(dtype: str, nodata: float | None) -> tuple[str, int] | None:
     """A wider integer dtype for reading ``dtype``, and a value outside ``dtype``'s range.
 
@@ -486,7 +491,7 @@ def _block_shape(plan: CubePlan) -> tuple[int, int]:
 
 def task_bytes(plan: CubePlan) -> int:
     """Memory a task needs, about: ``BLOCK_COPIES`` copies of one read block of every band."""
-    wide = _widened(plan.dtype, plan.nodata) if plan.coverage else None
+    wide = _coverage_read(plan)
     itemsize = np.dtype(wide[0] if wide else plan.dtype).itemsize
     labels = 1 if plan.label_asset or plan.label_source else 0
     h, w = _block_shape(plan)
@@ -1057,12 +1062,7 @@ def ingest(
     by_id = {it["id"]: it for it in items}
     new_times = plan.times
     if old is not None:
-        _check_same_cube(store, old, plan)
-        if config.nodata is not None and config.nodata != old.nodata:
-            raise StoreMismatchError(
-                f"{store} holds a cube with nodata {old.nodata}, not {config.nodata:g}: leave "
-                "--nodata out to add to it, or choose another --out"
-            )
+        _check_same_cube(store, old, plan, nodata=config.nodata)
         known = set(state.keys)
         new_times = tuple(t for t in plan.times if t.key not in known)
         if new_times and not state.complete:
@@ -1168,8 +1168,13 @@ def _warn_uncovered(plan: CubePlan, items: dict[str, Item], steps: Sequence[Time
         )
 
 
-def _check_same_cube(store: Path, old: CubePlan, new: CubePlan) -> None:
-    """Refuse an ingest into ``store`` whose tiles, bands, dtype or labels are not the cube's.
+def _check_same_cube(
+    store: Path, old: CubePlan, new: CubePlan, *, nodata: float | None = None
+) -> None:
+    """Refuse an ingest into ``store`` whose settings are not the cube's.
+
+    Tiles, bands, dtype and labels; and ``nodata`` (the ``--nodata`` given, if one was): the
+    items' own may differ between epochs.
 
     Raises:
         StoreMismatchError: naming the first setting that differs and the cube's value.
@@ -1182,6 +1187,9 @@ def _check_same_cube(store: Path, old: CubePlan, new: CubePlan) -> None:
         "labels": "give --labels as the cube was made (with or without)",
     }
     mine, theirs = new.grid_signature(), old.grid_signature()
+    if nodata is not None:
+        fixes["nodata"] = "leave --nodata out"
+        mine["nodata"], theirs["nodata"] = nodata, old.nodata
     for key, fix in fixes.items():
         if mine[key] != theirs[key]:
             raise StoreMismatchError(
@@ -1560,7 +1568,7 @@ def ingest_block(tasks: BlockTasks, index: int, store: str, sources: BlockSource
     loader = get_loader(sources.engine)
     # An integer cube without nodata is read wider, its fill out of the data's range: the
     # pixels that keep it are those no item covers (its COVERAGE); the image holds 0 there.
-    wide = _widened(plan.dtype, plan.nodata) if plan.coverage else None
+    wide = _coverage_read(plan)
     read_as = replace(plan, dtype=wide[0], nodata=wide[1]) if wide else plan
     with datasets_kept_open(sources.run):
         image, labels = loader.read_block(sources.meeting(t, plan, (ys, xs)), read_as, (ys, xs))

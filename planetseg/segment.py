@@ -565,7 +565,9 @@ def segment_task(plan: SegmentPlan, index: int, out: str) -> int:
     mean = torch.tensor(card["normalisation"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(card["normalisation"]["std"]).view(1, -1, 1, 1)
     # The crater probability is left out of a store made before it existed (resumed as is).
-    craters = plan.crater_values if (Path(out) / CRATER_PROBABILITY).is_dir() else []
+    craters = plan.crater_values
+    if craters and not (Path(out) / CRATER_PROBABILITY).is_dir():
+        craters = []
     window = padded_to_divisor((window - mean) / std, net.config.divisor)
     maps = net.products(window, tuple(craters), CONFIDENCE_STEPS)
     cy, cx = slice((y0 - ya) * s, (y1 - ya) * s), slice((x0 - xa) * s, (x1 - xa) * s)
@@ -614,10 +616,9 @@ def _fill_missing(
     A value is missing where it is NaN (a float cube's nodata, e.g. outside the footprint of an
     epoch appended onto the cube's grid), and a pixel where it holds the cube's declared
     ``nodata`` in every band (compared as stored) or where ``covered`` (an integer cube's
-    coverage, without nodata) is False. Fed to the network they would spread
-    through every convolution into the valid pixels around them: they get their band's
-    normalisation mean (0 once normalised), and the pixels are marked (``NO_DATA``
-    confidence) in the output.
+    coverage, without nodata) is False. Fed to the network they would spread through every
+    convolution into the valid pixels around them: they get their band's normalisation mean
+    (0 once normalised), and the pixels are marked (``NO_DATA`` confidence) in the output.
 
     Returns:
         ``(bands, y, x)`` float32, and the ``(y, x)`` mask of pixels with a value missing

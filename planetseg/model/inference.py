@@ -255,7 +255,7 @@ class InferenceNet(nn.Module):
         return out.float().contiguous()
 
     def products(
-        self, x: torch.Tensor, crater_channels: tuple[int, ...] = (), steps: int = 254
+        self, x: torch.Tensor, crater_channels: tuple[int, ...], steps: int
     ) -> tuple[torch.Tensor, ...]:
         """(B, bands, h, w) float32 -> :func:`pixel_products` of the logits (CPU tensors)."""
         if self.path.backend == "openvino":
